@@ -7,8 +7,15 @@ text is untrusted and often truncated.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+
+if TYPE_CHECKING:
+    from medmllm.grounding._stream import StreamParser
+
+TASKS = ("chat", "ground", "region", "report", "segment")
+ImageSize = Tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -62,3 +69,57 @@ class ParseResult:
                 self.seg_tokens.append(event)
             else:
                 self.warnings.append(event.message)
+
+
+class Dialect(ABC):
+    """One model family's grammar: parse its answers, and write prompts and user regions its way.
+
+    `tasks` lists the `build_prompt` tasks the model family supports (a subset of `TASKS`).
+    """
+
+    name: str = ""
+    coordinate_range: str = ""
+    tasks: Tuple[str, ...] = ("chat", "report")
+
+    @abstractmethod
+    def parser(self, image_size: Optional[ImageSize] = None) -> StreamParser:
+        """A fresh streaming parser for one answer; `image_size` (width, height) for pixel grammars."""
+
+    @abstractmethod
+    def format_region(self, fractions: Sequence[float], image_size: Optional[ImageSize] = None) -> str:
+        """A user region (edge fractions, see `BoxFound.fractions`) written in the model's grammar."""
+
+    @abstractmethod
+    def build_prompt(
+        self,
+        task: str,
+        text: str = "",
+        region: Optional[Sequence[float]] = None,
+        image_size: Optional[ImageSize] = None,
+    ) -> str:
+        """The question to send for `task`: `text` is the target phrase (ground, segment), the question
+        (chat, region) or extra instructions (report); `region` the user region for task "region"."""
+
+    def strip(self, text: str) -> str:
+        """Answer text for display: grammar markup removed, boxes replaced by their labels."""
+        parser = self._display_parser()
+        parser.feed(text)
+        parser.finish()
+        lines = (" ".join(line.split()) for line in self._finish_display(parser.display()).splitlines())
+        return "\n".join(lines).strip()
+
+    def _finish_display(self, text: str) -> str:
+        """Dialect-specific tidying of the assembled display text (before whitespace is collapsed)."""
+        return text
+
+    def parse(self, text: str, image_size: Optional[ImageSize] = None) -> ParseResult:
+        """Parse a whole answer at once (the streaming parser fed one chunk)."""
+        parser = self.parser(image_size)
+        result = ParseResult()
+        result.add(parser.feed(text))
+        result.add(parser.finish())
+        return result
+
+    @abstractmethod
+    def _display_parser(self) -> StreamParser:
+        """A parser that assembles display text (sizes irrelevant: only markup matters)."""

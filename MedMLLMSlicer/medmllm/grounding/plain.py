@@ -1,0 +1,48 @@
+"""Models without grounding (LLaVA-Med and any chat model): everything they write is text."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+from medmllm.grounding._stream import SpanRule, StreamParser, require_task
+from medmllm.grounding.base import Dialect, ImageSize, ParseEvent
+
+
+class PlainParser(StreamParser):
+    rules = ()
+
+    def on_span(self, rule: SpanRule, body: str, start: int, end: int) -> Tuple[List[ParseEvent], str]:
+        raise AssertionError("a parser without rules never finds a span")
+
+
+class PlainDialect(Dialect):
+    name = "plain"
+    coordinate_range = "none (no boxes)"
+    tasks = ("chat", "report")
+
+    def parser(self, image_size: Optional[ImageSize] = None) -> PlainParser:
+        return PlainParser()
+
+    def _display_parser(self) -> PlainParser:
+        return PlainParser(keep_display=True)
+
+    def format_region(self, fractions: Sequence[float], image_size: Optional[ImageSize] = None) -> str:
+        raise ValueError("dialect 'plain' has no grammar for regions; choose a grounding model")
+
+    def build_prompt(
+        self,
+        task: str,
+        text: str = "",
+        region: Optional[Sequence[float]] = None,
+        image_size: Optional[ImageSize] = None,
+    ) -> str:
+        require_task(self.name, self.tasks, task)
+        text = text.strip()
+        if task == "report":
+            return " ".join(
+                filter(None, ["Describe the findings in this image as a radiology report.", text])
+            )
+        return text
+
+
+DIALECT = PlainDialect()
