@@ -1,0 +1,187 @@
+"""Where answers come from: a local server the module starts, or a remote one (URL + token).
+
+The same `MedMLLMClient` talks to both. The local server is `medmllm serve` (run by Slicer's Python) on
+127.0.0.1 with a free port and a random token; an "OpenAI-compatible" backend is that same local
+server with the `openai` engine pointed at the user's vLLM/SGLang/Ollama URL.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.util
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Deque, List, Optional
+
+import requests
+
+_RUN_CLI = "import sys; from medmllm.cli import main; sys.exit(main())"
+# import name -> pip requirement, with the floors of pyproject's `server` extra and a ceiling
+SERVER_PACKAGES = {
+    "fastapi": "fastapi>=0.110,<1",
+    "uvicorn": "uvicorn>=0.27,<1",
+    "sse_starlette": "sse-starlette>=2.0,<4",
+    "pydantic": "pydantic>=2.5,<3",
+    "scipy": "scipy>=1.10,<2",
+    "PIL": "pillow>=10,<14",
+}
+
+_STATUS_SENTENCES = {
+    400: "the server did not understand the request (is this a MedMLLM server?)",
+    401: "the server rejected the token: check the token field",
+    403: "the token is valid but not allowed to use this server",
+    404: "nothing answers at this address: check the URL (is it a MedMLLM server?)",
+    413: "the volume is larger than the server accepts",
+    429: "the server is busy: try again in a moment",
+    502: "a proxy could not reach the server: is it running behind the proxy?",
+    503: "the server is starting or overloaded: try again in a moment",
+    504: "a proxy timed out waiting for the server",
+}
+
+
+def describe_status(code: int) -> str:
+    """An HTTP status code as a sentence a user can act on."""
+    if code in _STATUS_SENTENCES:
+        return _STATUS_SENTENCES[code]
+    if 200 <= code < 300:
+        return "connected"
+    if code >= 500:
+        return f"the server failed (HTTP {code}): see its log"
+    return f"the server answered HTTP {code}"
+
+
+def normalize_url(url: str) -> str:
+    """Add the scheme users often leave out and drop trailing slashes; reject what is not a URL."""
+    url = url.strip().rstrip("/")
+    if not url:
+        raise ValueError("enter the server URL, e.g. http://gpu-box:8765")
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"'{url}' is not an http(s) URL")
+    return url
+
+
+def is_loopback(url: str) -> bool:
+    host = url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0].strip("[]")
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def probe(base_url: str, token: Optional[str], timeout: float = 5.0) -> str:
+    """Test connection: one sentence saying whether the server is reachable and accepts the token."""
+    try:
+        url = normalize_url(base_url)
+    except ValueError as exc:
+        return str(exc)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        health = requests.get(url + "/healthz", timeout=timeout)
+        if health.status_code != 200:
+            return describe_status(health.status_code)
+        models = requests.get(url + "/v1/models", headers=headers, timeout=timeout)
+    except requests.exceptions.ConnectionError:
+        return f"no server at {url}: is it running, and is the port right?"
+    except requests.exceptions.Timeout:
+        return f"{url} did not answer within {timeout:g} s"
+    if models.status_code != 200:
+        return describe_status(models.status_code)
+    return _connected_sentence(health.json(), models.json())
+
+
+def _connected_sentence(health: Any, models: Any) -> str:
+    from medmllm.protocol import API_VERSION
+
+    if not isinstance(health, dict) or "api_version" not in health:
+        return "something answers there, but it is not a MedMLLM server"
+    if str(health["api_version"]) != API_VERSION:
+        return (
+            f"the server speaks API version {health['api_version']}, this module {API_VERSION}: "
+            "update the older of the two"
+        )
+    names = [m.get("model", "?") for m in models.get("models", [])] if isinstance(models, dict) else []
+    return f"connected: engine {health.get('engine', '?')}, models: {', '.join(names) or 'none'}"
+
+
+def missing_server_packages() -> List[str]:
+    """pip names of what the local server needs but this Python lacks (installed only if the user agrees)."""
+    return [pip for module, pip in SERVER_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalServer:
+    """`medmllm serve` as a child process bound to loopback, with its output kept for the log view."""
+
+    def __init__(
+        self, engine: str = "builtin", options: Optional[List[str]] = None, log_lines: int = 2000
+    ) -> None:
+        self.engine = engine
+        self.options = list(options or [])
+        self.token = secrets.token_urlsafe(24)
+        self.port = 0
+        self.log: Deque[str] = collections.deque(maxlen=log_lines)
+        self._process: Optional[subprocess.Popen] = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def command(self) -> List[str]:
+        """`medmllm serve` run by this Python (`-c`, because `medmllm.cli` has no `__main__`)."""
+        return [
+            sys.executable, "-c", _RUN_CLI, "serve", "--engine", self.engine,
+            "--host", "127.0.0.1", "--port", str(self.port), "--token", self.token, *self.options,
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        """Launch the process (returns at once); call `wait_ready` on a worker thread."""
+        if self.running:
+            return
+        self.port = free_port()
+        self._process = subprocess.Popen(
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        threading.Thread(target=self._read_output, args=(self._process,), daemon=True).start()
+
+    def _read_output(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            self.log.append(line.rstrip("\n").replace(self.token, "***"))
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """Block until /healthz answers (worker thread only); raise RuntimeError with the reason."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running:
+                tail = "\n".join(list(self.log)[-5:])
+                raise RuntimeError(f"the local server stopped while starting:\n{tail}")
+            try:
+                if requests.get(self.base_url + "/healthz", timeout=1.0).status_code == 200:
+                    return self.base_url
+            except requests.exceptions.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the local server did not answer within {timeout:g} s: see its log")
+
+    def stop(self) -> None:
+        """Terminate (then kill) the child; safe to call twice or when it never started."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)

@@ -1,0 +1,280 @@
+"""Answers into the scene: boxes -> ROI nodes, masks -> segments, report -> text node, chat -> scene.
+
+One conversation = one vtkMRMLTextNode holding the chat JSON (saved with the scene), placed in a
+Subject Hierarchy folder under the volume's study, with references to its Segmentation node (one
+per conversation, reference geometry = the volume) and its report node. New masks are always
+*appended* as new segments, renamed "name (2)" on a clash, after an undo point: a user's edited
+segment is never overwritten. Only MRML methods listed in Slicer's API manifest are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import slicer
+
+from MedMLLMSlicerLib.conversation import Conversation, Item, Turn
+
+ROLE = "MedMLLMSlicer.Role"
+LABEL_TAG = "MedMLLMSlicer.Label"
+REF_VOLUME = "MedMLLMSlicer.Volume"
+REF_SEGMENTATION = "MedMLLMSlicer.Segmentation"
+REF_REPORT = "MedMLLMSlicer.Report"
+PALETTE = ((0.95, 0.6, 0.1), (0.2, 0.7, 0.95), (0.55, 0.85, 0.3), (0.9, 0.3, 0.6), (0.7, 0.5, 0.95))
+
+
+class SceneError(Exception):
+    """The scene cannot take the result (volume gone, scene closing); message shown in the chat."""
+
+
+def volume_arrays(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """A copy of the voxels ([k, j, i]) and the 4x4 IJK->RAS: the worker must not hold VTK memory
+    that the user can delete while the question is in flight."""
+    if volume_node is None:
+        raise SceneError("select a volume first")
+    if volume_node.GetParentTransformNode() is not None:
+        raise SceneError("the volume is under a transform: harden the transform first (Data module)")
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    if voxels is None or voxels.ndim != 3:
+        raise SceneError("the selected volume has no 3D scalar voxels")
+    matrix = slicer.util.vtkMatrixFromArray(np.eye(4))
+    volume_node.GetIJKToRASMatrix(matrix)
+    return np.array(voxels, copy=True), slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def roi_request(roi_node: Any) -> Dict[str, List]:
+    """An ROI node as the server's RAS ROI {center, size, axes} (axes: rows of a matrix whose columns
+    are the ROI's x, y, z directions), world coordinates so parent transforms are honoured."""
+    center = [0.0, 0.0, 0.0]
+    roi_node.GetCenterWorld(center)
+    columns = []
+    for getter in (roi_node.GetXAxisWorld, roi_node.GetYAxisWorld, roi_node.GetZAxisWorld):
+        axis = [0.0, 0.0, 0.0]
+        getter(axis)
+        columns.append(axis)
+    size = [float(v) for v in roi_node.GetSizeWorld()]
+    if min(size) <= 0:
+        raise SceneError(f"ROI '{roi_node.GetName()}' has zero size: drag its handles to cover the region")
+    return {"center": center, "size": size, "axes": np.array(columns).T.tolist()}
+
+
+def _unique(name: str, taken: Set[str]) -> str:
+    lowered = {t.lower() for t in taken}
+    if name.lower() not in lowered:
+        return name
+    index = 2
+    while f"{name} ({index})".lower() in lowered:
+        index += 1
+    return f"{name} ({index})"
+
+
+class ConversationScene:
+    """The scene side of one conversation about one volume."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self._imported: Dict[str, Set[int]] = {}
+
+    @classmethod
+    def create(cls, volume_node: Any) -> ConversationScene:
+        scene = slicer.mrmlScene
+        node = scene.AddNewNodeByClass("vtkMRMLTextNode", f"{volume_node.GetName()} chat")
+        node.SetAttribute(ROLE, "conversation")
+        node.SetNodeReferenceID(REF_VOLUME, volume_node.GetID())
+        sh = scene.GetSubjectHierarchyNode()
+        volume_item = sh.GetItemByDataNode(volume_node)
+        folder = sh.CreateFolderItem(sh.GetItemParent(volume_item) or sh.GetSceneItemID(), node.GetName())
+        sh.SetItemParent(sh.GetItemByDataNode(node), folder)
+        return cls(node)
+
+    @classmethod
+    def latest(cls, volume_node: Any) -> Optional[ConversationScene]:
+        """The most recent conversation stored in the scene for this volume (after reopening a scene)."""
+        nodes = [
+            n
+            for n in slicer.util.getNodesByClass("vtkMRMLTextNode")
+            if n.GetAttribute(ROLE) == "conversation"
+            and n.GetNodeReferenceID(REF_VOLUME) == volume_node.GetID()
+        ]
+        return cls(nodes[-1]) if nodes else None
+
+    @property
+    def volume(self) -> Any:
+        return self.node.GetNodeReference(REF_VOLUME)
+
+    def _check_alive(self) -> Any:
+        scene = slicer.mrmlScene
+        if scene.IsClosing():
+            raise SceneError("the scene was closed: the answer was not added")
+        if not scene.IsNodePresent(self.node):
+            raise SceneError("the conversation's text node was deleted: the answer was not added")
+        volume = self.volume
+        if volume is None:
+            raise SceneError("the volume was deleted: the answer was not added to the scene")
+        return volume
+
+    def _folder(self) -> int:
+        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        return sh.GetItemParent(sh.GetItemByDataNode(self.node))
+
+    def _place(self, node: Any) -> None:
+        sh = slicer.mrmlScene.GetSubjectHierarchyNode()
+        sh.SetItemParent(sh.GetItemByDataNode(node), self._folder())
+
+    def save(self, conversation: Conversation) -> None:
+        if slicer.mrmlScene.IsNodePresent(self.node):
+            self.node.SetText(conversation.to_json())
+
+    def load(self) -> Conversation:
+        return Conversation.from_json(self.node.GetText())
+
+    def add_box(self, event: Dict[str, Any], index: int) -> Item:
+        """A box event's RAS ROI as a Markups ROI node named after its label."""
+        self._check_alive()
+        roi = event.get("roi") or {}
+        center, size = roi.get("center"), roi.get("size")
+        if center is None or size is None:
+            raise SceneError("the server sent a box without an ROI")
+        label = str(event.get("label") or "box")
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", label)
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.asarray(roi.get("axes") or np.eye(3), dtype=float)
+        matrix[:3, 3] = center
+        node.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(matrix))
+        node.SetCenter(*[float(v) for v in center])
+        node.SetSize(*[float(v) for v in size])
+        node.SetAttribute(LABEL_TAG, label)
+        node.CreateDefaultDisplayNodes()
+        node.GetDisplayNode().SetSelectedColor(*self._color(event, index))
+        self._place(node)
+        return Item("box", label, node_id=node.GetID(), center=[float(v) for v in center])
+
+    @staticmethod
+    def _color(event: Dict[str, Any], index: int) -> Sequence[float]:
+        color = event.get("color")
+        if isinstance(color, (list, tuple)) and len(color) == 3:
+            return [float(c) / (255.0 if max(color) > 1 else 1.0) for c in color]
+        return PALETTE[index % len(PALETTE)]
+
+    def segmentation(self) -> Any:
+        """The conversation's Segmentation node, created on first use with the volume as geometry."""
+        volume = self._check_alive()
+        node = self.node.GetNodeReference(REF_SEGMENTATION)
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass(
+                "vtkMRMLSegmentationNode", f"{volume.GetName()} findings"
+            )
+            node.CreateDefaultDisplayNodes()
+            node.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            self.node.SetNodeReferenceID(REF_SEGMENTATION, node.GetID())
+            self._place(node)
+        return node
+
+    def add_masks(self, event: Dict[str, Any], index: int) -> List[Item]:
+        """Append the event's segment (its `segment` index in the answer's cumulative `.seg.nrrd`, or
+        else every segment not imported yet) to the conversation's segmentation as new segments."""
+        target = self.segmentation()
+        path = event.get("path")
+        if not path:
+            raise SceneError("the mask could not be downloaded from the server")
+        loaded = slicer.util.loadSegmentation(path)
+        if loaded is None:
+            raise SceneError("Slicer could not read the mask file sent by the server")
+        try:
+            return self._copy_new_segments(loaded.GetSegmentation(), target, event, index)
+        finally:
+            self._remove_temporary(loaded)
+
+    def _copy_new_segments(self, source: Any, target: Any, event: Dict[str, Any], index: int) -> List[Item]:
+        done = self._imported.setdefault(str(event.get("url") or event["path"]), set())
+        wanted = (
+            [event["segment"]]
+            if isinstance(event.get("segment"), int)
+            else range(source.GetNumberOfSegments())
+        )
+        segmentation = target.GetSegmentation()
+        items = []
+        slicer.mrmlScene.SaveStateForUndo()
+        for n in wanted:
+            if n in done or not 0 <= n < source.GetNumberOfSegments():
+                continue
+            done.add(n)
+            source_id = source.GetNthSegmentID(n)
+            raw = source.GetSegment(source_id).GetName()
+            taken = {
+                segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
+            }
+            before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
+            segmentation.CopySegmentFromSegmentation(source, source_id, False)
+            new_id = next(
+                segmentation.GetNthSegmentID(i)
+                for i in range(segmentation.GetNumberOfSegments())
+                if segmentation.GetNthSegmentID(i) not in before
+            )
+            segment = segmentation.GetSegment(new_id)
+            segment.SetName(_unique(raw, taken))
+            segment.SetTag(LABEL_TAG, raw)
+            if event.get("color") is not None and str(event.get("label", "")).lower() == raw.lower():
+                segment.SetColor(*self._color(event, index))
+            items.append(Item("mask", segment.GetName(), node_id=target.GetID(), segment_id=new_id))
+        return items
+
+    @staticmethod
+    def _remove_temporary(node: Any) -> None:
+        scene = slicer.mrmlScene
+        for helper in (node.GetDisplayNode(), node.GetStorageNode()):
+            if helper is not None:
+                scene.RemoveNode(helper)
+        scene.RemoveNode(node)
+
+    def set_report(self, markdown: str) -> Any:
+        """The answer's report into the conversation's report text node (created on first use)."""
+        volume = self._check_alive()
+        node = self.node.GetNodeReference(REF_REPORT)
+        if node is None:
+            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", f"{volume.GetName()} report")
+            node.SetAttribute(ROLE, "report")
+            self.node.SetNodeReferenceID(REF_REPORT, node.GetID())
+            self._place(node)
+        node.SetText(markdown)
+        return node
+
+
+def apply_event(conversation_scene: ConversationScene, answer: Turn, event: Dict[str, Any]) -> Optional[str]:
+    """One server event into the answer turn and the scene; returns a notice for warnings/errors.
+
+    Shared by the chat panel and the headless `MedMLLMSlicerLogic.ask`; raises SceneError when
+    the scene can no longer take results.
+    """
+    kind = event.get("type")
+    if kind == "token":
+        answer.text += str(event.get("text", ""))
+    elif kind == "box":
+        answer.items.append(conversation_scene.add_box(event, len(answer.items)))
+    elif kind == "mask":
+        answer.items.extend(conversation_scene.add_masks(event, len(answer.items)))
+    elif kind == "report":
+        answer.report = str(event.get("markdown", ""))
+        conversation_scene.set_report(answer.report)
+    elif kind in ("warning", "error"):
+        return str(event.get("message") or kind)
+    return None
+
+
+def focus(item: Item) -> str:
+    """Centre every slice view on a grounded item and select its node; returns a status sentence."""
+    node = slicer.mrmlScene.GetNodeByID(item.node_id) if item.node_id else None
+    if node is None:
+        return f"'{item.label}' is no longer in the scene"
+    if item.kind == "mask":
+        if node.GetSegmentation().GetSegment(item.segment_id) is None:
+            return f"segment '{item.label}' was deleted"
+        center = [float(v) for v in node.GetSegmentCenterRAS(item.segment_id)]
+    else:
+        center = [0.0, 0.0, 0.0]
+        node.GetCenterWorld(center)
+    for slice_node in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+        slice_node.JumpSliceByCentering(*center)
+    node.SetSelected(1)
+    return f"centred on {item.label} at R {center[0]:.1f}, A {center[1]:.1f}, S {center[2]:.1f} mm"

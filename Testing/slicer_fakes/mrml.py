@@ -1,0 +1,657 @@
+"""A small fake MRML scene whose classes accept only methods that exist in Slicer.
+
+Every VTK-style (CamelCase) attribute is checked against `api-manifest.json` (taken from Slicer's
+headers): a name is valid on class C if C or a class in its chain declares it. So a call that
+Slicer does not have fails here with AttributeError instead of passing silently; names that do
+exist but are not implemented by the fake fail the same way (with a different message).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+
+MANIFEST = json.loads((Path(__file__).with_name("api-manifest.json")).read_text(encoding="utf-8"))
+_CLASSES = MANIFEST["classes"]
+
+
+def _chain(vtk_class: str) -> List[str]:
+    return [vtk_class, *_CLASSES[vtk_class]["chain"]]
+
+
+def manifest_allows(vtk_class: str, name: str, static: bool = False) -> bool:
+    """True if Slicer's `vtk_class` has `name` (a method, or a constant; static-only when `static`)."""
+    for cls in _chain(vtk_class):
+        info = _CLASSES[cls]
+        if name in info.get("constants", {}):
+            return True
+        if name in (info["static_methods"] if static else info["methods"]):
+            return True
+    return False
+
+
+def _is_vtk_name(name: str) -> bool:
+    return name[:1].isupper()
+
+
+class _CheckedMeta(type):
+    def __getattribute__(cls, name: str) -> Any:
+        if _is_vtk_name(name):
+            vtk_class = type.__getattribute__(cls, "_vtk_class")
+            if not manifest_allows(vtk_class, name, static=True):
+                raise AttributeError(f"{vtk_class}.{name} is not a static method or constant in Slicer")
+        return type.__getattribute__(cls, name)
+
+
+class FakeVTKObject(metaclass=_CheckedMeta):
+    """Base of all fakes: CamelCase attributes must be in Slicer's API manifest."""
+
+    _vtk_class = "vtkObject"
+
+    def __init__(self) -> None:
+        self._observers: Dict[int, Tuple[str, Callable]] = {}
+        self._mtime = 0
+
+    def __getattribute__(self, name: str) -> Any:
+        if _is_vtk_name(name):
+            vtk_class = type(self)._vtk_class
+            if not manifest_allows(vtk_class, name):
+                raise AttributeError(f"'{vtk_class}' has no method '{name}' in Slicer's API")
+            try:
+                return object.__getattribute__(self, name)
+            except AttributeError:
+                raise AttributeError(f"fake {vtk_class}.{name} exists in Slicer but is not faked") from None
+        return object.__getattribute__(self, name)
+
+    # vtkObject / vtkObjectBase
+    _tags = itertools.count(1)
+
+    def AddObserver(self, event: Any, callback: Callable, priority: float = 0.0) -> int:
+        tag = next(FakeVTKObject._tags)
+        self._observers[tag] = (str(event), callback)
+        return tag
+
+    def RemoveObserver(self, tag: int) -> None:
+        self._observers.pop(tag, None)
+
+    def InvokeEvent(self, event: Any, calldata: Any = None) -> None:
+        for name, callback in list(self._observers.values()):
+            if name == str(event):
+                callback(self, str(event))
+
+    def Modified(self) -> None:
+        self._mtime += 1
+        self.InvokeEvent("ModifiedEvent")
+
+    def GetMTime(self) -> int:
+        return self._mtime
+
+    def GetClassName(self) -> str:
+        return type(self)._vtk_class
+
+    def IsA(self, name: str) -> int:
+        return int(name in _chain(type(self)._vtk_class))
+
+
+class FakeMatrix4x4:
+    """Stand-in for vtkMatrix4x4 (a VTK class, outside the MRML manifest)."""
+
+    def __init__(self, array: Optional[np.ndarray] = None) -> None:
+        self.array = np.eye(4) if array is None else np.array(array, dtype=float)
+
+    def GetElement(self, row: int, col: int) -> float:
+        return float(self.array[row, col])
+
+    def SetElement(self, row: int, col: int, value: float) -> None:
+        self.array[row, col] = value
+
+    def DeepCopy(self, other: FakeMatrix4x4) -> None:
+        self.array = other.array.copy()
+
+
+def _fill(out: Any, values: Any) -> None:
+    for index, value in enumerate(values):
+        out[index] = float(value)
+
+
+class vtkMRMLNode(FakeVTKObject):
+    _vtk_class = "vtkMRMLNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._id: Optional[str] = None
+        self._name = ""
+        self._attributes: Dict[str, str] = {}
+        self._references: Dict[str, str] = {}
+        self._scene: Optional[vtkMRMLScene] = None
+        self._selected = 0
+        self._hide = 0
+
+    def GetID(self) -> Optional[str]:
+        return self._id
+
+    def GetName(self) -> str:
+        return self._name
+
+    def SetName(self, name: str) -> None:
+        self._name = str(name)
+        self.Modified()
+
+    def GetScene(self) -> Optional[vtkMRMLScene]:
+        return self._scene
+
+    def SetAttribute(self, name: str, value: str) -> None:
+        self._attributes[name] = str(value)
+
+    def GetAttribute(self, name: str) -> Optional[str]:
+        return self._attributes.get(name)
+
+    def SetNodeReferenceID(self, role: str, node_id: Optional[str]) -> None:
+        self._references[role] = node_id
+
+    def GetNodeReferenceID(self, role: str) -> Optional[str]:
+        return self._references.get(role)
+
+    def GetNodeReference(self, role: str) -> Optional[vtkMRMLNode]:
+        node_id = self._references.get(role)
+        return self._scene.GetNodeByID(node_id) if self._scene and node_id else None
+
+    def SetSelected(self, selected: int) -> None:
+        self._selected = int(selected)
+
+    def GetSelected(self) -> int:
+        return self._selected
+
+    def SetHideFromEditors(self, hide: int) -> None:
+        self._hide = int(hide)
+
+    def GetHideFromEditors(self) -> int:
+        return self._hide
+
+    def SetSingletonTag(self, tag: str) -> None:
+        self._singleton = tag
+
+
+class vtkMRMLDisplayNode(vtkMRMLNode):
+    _vtk_class = "vtkMRMLDisplayNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._color = (0.5, 0.5, 0.5)
+        self._selected_color = (1.0, 0.5, 0.5)
+        self._visibility = 1
+
+    def SetColor(self, *rgb: Any) -> None:
+        self._color = tuple(float(v) for v in (rgb[0] if len(rgb) == 1 else rgb))
+
+    def GetColor(self) -> Tuple[float, ...]:
+        return self._color
+
+    def SetSelectedColor(self, *rgb: Any) -> None:
+        self._selected_color = tuple(float(v) for v in (rgb[0] if len(rgb) == 1 else rgb))
+
+    def GetSelectedColor(self) -> Tuple[float, ...]:
+        return self._selected_color
+
+    def SetVisibility(self, visible: int) -> None:
+        self._visibility = int(visible)
+
+    def GetVisibility(self) -> int:
+        return self._visibility
+
+
+class vtkMRMLMarkupsDisplayNode(vtkMRMLDisplayNode):
+    _vtk_class = "vtkMRMLMarkupsDisplayNode"
+
+
+class vtkMRMLSegmentationDisplayNode(vtkMRMLDisplayNode):
+    _vtk_class = "vtkMRMLSegmentationDisplayNode"
+
+
+class vtkMRMLDisplayableNode(vtkMRMLNode):
+    _vtk_class = "vtkMRMLDisplayableNode"
+    _display_class = vtkMRMLDisplayNode
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._display: Optional[vtkMRMLDisplayNode] = None
+
+    def CreateDefaultDisplayNodes(self) -> None:
+        if self._display is None:
+            self._display = type(self)._display_class()
+            if self._scene is not None:
+                self._scene.AddNode(self._display)
+
+    def GetDisplayNode(self) -> Optional[vtkMRMLDisplayNode]:
+        return self._display
+
+    def GetStorageNode(self) -> None:
+        return None
+
+    def GetParentTransformNode(self) -> None:
+        return None
+
+
+class vtkMRMLVolumeNode(vtkMRMLDisplayableNode):
+    _vtk_class = "vtkMRMLVolumeNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._ijk_to_ras = np.eye(4)
+        self._array: Optional[np.ndarray] = None
+
+    def GetIJKToRASMatrix(self, matrix: FakeMatrix4x4) -> None:
+        matrix.array = self._ijk_to_ras.copy()
+
+    def SetIJKToRASMatrix(self, matrix: FakeMatrix4x4) -> None:
+        self._ijk_to_ras = matrix.array.copy()
+
+
+class vtkMRMLScalarVolumeNode(vtkMRMLVolumeNode):
+    _vtk_class = "vtkMRMLScalarVolumeNode"
+
+
+class vtkMRMLMarkupsNode(vtkMRMLDisplayableNode):
+    _vtk_class = "vtkMRMLMarkupsNode"
+    _display_class = vtkMRMLMarkupsDisplayNode
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._locked = 0
+
+    def SetLocked(self, locked: int) -> None:
+        self._locked = int(locked)
+
+    def GetLocked(self) -> int:
+        return self._locked
+
+
+class vtkMRMLMarkupsROINode(vtkMRMLMarkupsNode):
+    _vtk_class = "vtkMRMLMarkupsROINode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._center = np.zeros(3)
+        self._size = np.zeros(3)
+        self._object_to_node = FakeMatrix4x4()
+
+    def SetCenter(self, *xyz: Any) -> None:
+        self._center = np.array(xyz[0] if len(xyz) == 1 else xyz, dtype=float)
+
+    def GetCenter(self, out: Any) -> None:
+        _fill(out, self._center)
+
+    def SetSize(self, *xyz: Any) -> None:
+        self._size = np.array(xyz[0] if len(xyz) == 1 else xyz, dtype=float)
+
+    def GetSize(self) -> Tuple[float, float, float]:
+        return tuple(float(v) for v in self._size)
+
+    def SetAndObserveObjectToNodeMatrix(self, matrix: FakeMatrix4x4) -> None:
+        self._object_to_node = FakeMatrix4x4(matrix.array)
+
+    def GetObjectToNodeMatrix(self) -> FakeMatrix4x4:
+        return self._object_to_node
+
+    # The fake has no parent transforms, so world == node coordinates.
+    def GetCenterWorld(self, out: Any) -> None:
+        _fill(out, self._center)
+
+    def GetSizeWorld(self) -> Tuple[float, float, float]:
+        return self.GetSize()
+
+    def GetXAxisWorld(self, out: Any) -> None:
+        _fill(out, self._object_to_node.array[:3, 0])
+
+    def GetYAxisWorld(self, out: Any) -> None:
+        _fill(out, self._object_to_node.array[:3, 1])
+
+    def GetZAxisWorld(self, out: Any) -> None:
+        _fill(out, self._object_to_node.array[:3, 2])
+
+
+class vtkMRMLTextNode(vtkMRMLNode):
+    _vtk_class = "vtkMRMLTextNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._text = ""
+
+    def SetText(self, text: str, encoding: int = -1) -> None:
+        self._text = str(text)
+        self.Modified()
+
+    def GetText(self) -> str:
+        return self._text
+
+
+class vtkMRMLScriptedModuleNode(vtkMRMLNode):
+    _vtk_class = "vtkMRMLScriptedModuleNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._parameters: Dict[str, str] = {}
+
+    def SetParameter(self, name: str, value: str) -> None:
+        self._parameters[name] = str(value)
+
+    def GetParameter(self, name: str) -> str:
+        return self._parameters.get(name, "")
+
+
+class vtkSegment(FakeVTKObject):
+    """A segment; the fake keeps its voxels as `mask` ([k, j, i] bool) with `ijk_to_ras`."""
+
+    _vtk_class = "vtkSegment"
+
+    def __init__(self, name: str = "", mask: Optional[np.ndarray] = None, ijk_to_ras: Any = None) -> None:
+        super().__init__()
+        self._name = name
+        self._color = (0.5, 0.5, 0.5)
+        self._tags: Dict[str, str] = {}
+        self.mask = mask
+        self.ijk_to_ras = np.eye(4) if ijk_to_ras is None else np.asarray(ijk_to_ras, dtype=float)
+
+    def GetName(self) -> str:
+        return self._name
+
+    def SetName(self, name: str) -> None:
+        self._name = str(name)
+
+    def GetColor(self) -> Tuple[float, ...]:
+        return self._color
+
+    def SetColor(self, *rgb: Any) -> None:
+        self._color = tuple(float(v) for v in (rgb[0] if len(rgb) == 1 else rgb))
+
+    def SetTag(self, tag: str, value: Any) -> None:
+        self._tags[tag] = str(value)
+
+    def GetTag(self, tag: str, out: Optional[List[str]] = None) -> bool:
+        if out is not None and tag in self._tags:
+            out[0] = self._tags[tag]
+        return tag in self._tags
+
+    def HasTag(self, tag: str) -> bool:
+        return tag in self._tags
+
+    def copy(self) -> vtkSegment:
+        clone = vtkSegment(self._name, None if self.mask is None else self.mask.copy(), self.ijk_to_ras)
+        clone._color, clone._tags = self._color, dict(self._tags)
+        return clone
+
+
+class vtkSegmentation(FakeVTKObject):
+    _vtk_class = "vtkSegmentation"
+    _ids = itertools.count(1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._segments: Dict[str, vtkSegment] = {}
+
+    def AddSegment(self, segment: vtkSegment, segment_id: str = "") -> bool:
+        segment_id = segment_id or f"2.25.{next(vtkSegmentation._ids)}"
+        while segment_id in self._segments:
+            segment_id += "_1"
+        self._segments[segment_id] = segment
+        self.Modified()
+        return True
+
+    def GetNumberOfSegments(self) -> int:
+        return len(self._segments)
+
+    def GetNthSegmentID(self, index: int) -> str:
+        return list(self._segments)[index]
+
+    def GetNthSegment(self, index: int) -> vtkSegment:
+        return list(self._segments.values())[index]
+
+    def GetSegment(self, segment_id: str) -> Optional[vtkSegment]:
+        return self._segments.get(segment_id)
+
+    def GetSegmentIdBySegmentName(self, name: str) -> str:
+        for segment_id, segment in self._segments.items():
+            if segment.GetName().lower() == name.lower():
+                return segment_id
+        return ""
+
+    def GetSegmentIdBySegment(self, segment: vtkSegment) -> str:
+        return next((sid for sid, seg in self._segments.items() if seg is segment), "")
+
+    def RemoveSegment(self, segment_id: str) -> None:
+        self._segments.pop(segment_id, None)
+
+    def CopySegmentFromSegmentation(
+        self, source: vtkSegmentation, segment_id: str, remove_from_source: bool = False
+    ) -> bool:
+        segment = source.GetSegment(segment_id)
+        if segment is None:
+            return False
+        self.AddSegment(segment.copy(), "" if segment_id in self._segments else segment_id)
+        if remove_from_source:
+            source.RemoveSegment(segment_id)
+        return True
+
+
+class vtkMRMLSegmentationNode(vtkMRMLDisplayableNode):
+    _vtk_class = "vtkMRMLSegmentationNode"
+    _display_class = vtkMRMLSegmentationDisplayNode
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._segmentation = vtkSegmentation()
+
+    def GetSegmentation(self) -> vtkSegmentation:
+        return self._segmentation
+
+    def SetReferenceImageGeometryParameterFromVolumeNode(self, volume: vtkMRMLScalarVolumeNode) -> None:
+        self.SetNodeReferenceID("referenceImageGeometryRef", volume.GetID())
+
+    def GetSegmentCenterRAS(self, segment_id: str) -> Tuple[float, float, float]:
+        segment = self._segmentation.GetSegment(segment_id)
+        kji = np.argwhere(segment.mask)
+        if not len(kji):
+            raise ValueError("empty segment has no centre")
+        lo, hi = kji.min(axis=0), kji.max(axis=0)
+        ijk = np.append(((lo + hi) / 2.0)[::-1], 1.0)
+        return tuple(float(v) for v in (segment.ijk_to_ras @ ijk)[:3])
+
+
+class vtkMRMLSliceNode(vtkMRMLNode):
+    _vtk_class = "vtkMRMLSliceNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jumps: List[Tuple[float, float, float]] = []
+
+    def JumpSliceByCentering(self, r: float, a: float, s: float) -> None:
+        self.jumps.append((float(r), float(a), float(s)))
+
+
+class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
+    """Items are ints; the scene item is 1, invalid is 0; data nodes get an item when added."""
+
+    _vtk_class = "vtkMRMLSubjectHierarchyNode"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next = itertools.count(2)
+        self.items: Dict[int, Dict[str, Any]] = {1: {"name": "Scene", "parent": 0, "level": "Scene"}}
+
+    @staticmethod
+    def GetSubjectHierarchyNode(scene: vtkMRMLScene) -> vtkMRMLSubjectHierarchyNode:
+        return scene.GetSubjectHierarchyNode()
+
+    def GetSceneItemID(self) -> int:
+        return 1
+
+    @staticmethod
+    def GetInvalidItemID() -> int:
+        return 0
+
+    def _create(self, parent: int, name: str, level: str, node: Optional[vtkMRMLNode] = None) -> int:
+        item = next(self._next)
+        self.items[item] = {"name": name, "parent": parent, "level": level, "node": node}
+        return item
+
+    def CreateFolderItem(self, parent: int, name: str) -> int:
+        return self._create(parent, name, "Folder")
+
+    def CreateSubjectItem(self, parent: int, name: str) -> int:
+        return self._create(parent, name, "Patient")
+
+    def CreateStudyItem(self, parent: int, name: str) -> int:
+        return self._create(parent, name, "Study")
+
+    def GetItemByDataNode(self, node: vtkMRMLNode) -> int:
+        return next((i for i, v in self.items.items() if v.get("node") is node), 0)
+
+    def GetItemDataNode(self, item: int) -> Optional[vtkMRMLNode]:
+        return self.items.get(item, {}).get("node")
+
+    def GetItemParent(self, item: int) -> int:
+        return self.items[item]["parent"] if item in self.items else 0
+
+    def SetItemParent(self, item: int, parent: int, enable_circular_check: bool = True) -> None:
+        self.items[item]["parent"] = parent
+
+    def GetItemName(self, item: int) -> str:
+        return self.items.get(item, {}).get("name", "")
+
+    def GetItemLevel(self, item: int) -> str:
+        return self.items.get(item, {}).get("level", "")
+
+    def GetItemAncestorAtLevel(self, item: int, level: str) -> int:
+        item = self.GetItemParent(item)
+        while item:
+            if self.items[item]["level"] == level:
+                return item
+            item = self.GetItemParent(item)
+        return 0
+
+    def SetItemAttribute(self, item: int, name: str, value: str) -> None:
+        self.items[item].setdefault("attributes", {})[name] = value
+
+    def GetItemAttribute(self, item: int, name: str) -> str:
+        return self.items.get(item, {}).get("attributes", {}).get(name, "")
+
+    def RemoveItem(self, item: int, remove_data_node: bool = True, recursive: bool = True) -> bool:
+        return self.items.pop(item, None) is not None
+
+    def children(self, parent: int) -> List[int]:
+        """Test helper (not Slicer API): direct children of an item."""
+        return [i for i, v in self.items.items() if v["parent"] == parent]
+
+
+_NODE_CLASSES = {
+    cls._vtk_class: cls
+    for cls in (
+        vtkMRMLScalarVolumeNode,
+        vtkMRMLMarkupsROINode,
+        vtkMRMLTextNode,
+        vtkMRMLScriptedModuleNode,
+        vtkMRMLSegmentationNode,
+        vtkMRMLSliceNode,
+        vtkMRMLMarkupsDisplayNode,
+        vtkMRMLSegmentationDisplayNode,
+    )
+}
+
+
+class vtkMRMLScene(FakeVTKObject):
+    """Scene with IDs, names, observers (NodeAdded/Removed, Start/EndClose) and subject hierarchy."""
+
+    _vtk_class = "vtkMRMLScene"
+    NodeAddedEvent = "NodeAddedEvent"
+    NodeAboutToBeRemovedEvent = "NodeAboutToBeRemovedEvent"
+    NodeRemovedEvent = "NodeRemovedEvent"
+    StartCloseEvent = "StartCloseEvent"
+    EndCloseEvent = "EndCloseEvent"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._nodes: List[vtkMRMLNode] = []
+        self._counts: Dict[str, int] = {}
+        self._closing = False
+        self.undo_points = 0
+        self._sh = vtkMRMLSubjectHierarchyNode()
+        self._add_views()
+
+    def _add_views(self) -> None:
+        for name in ("Red", "Yellow", "Green"):
+            node = vtkMRMLSliceNode()
+            node._name = name
+            self.AddNode(node)
+
+    def GetSubjectHierarchyNode(self) -> vtkMRMLSubjectHierarchyNode:
+        return self._sh
+
+    def CreateNodeByClass(self, class_name: str) -> vtkMRMLNode:
+        if class_name not in _NODE_CLASSES:
+            raise AttributeError(f"the fake scene cannot create {class_name}")
+        return _NODE_CLASSES[class_name]()
+
+    def AddNode(self, node: vtkMRMLNode) -> vtkMRMLNode:
+        cls = node.GetClassName()
+        self._counts[cls] = self._counts.get(cls, 0) + 1
+        node._id = f"{cls}{self._counts[cls]}"
+        node._scene = self
+        self._nodes.append(node)
+        if not isinstance(node, (vtkMRMLDisplayNode, vtkMRMLSliceNode, vtkMRMLScriptedModuleNode)):
+            self._sh._create(1, node.GetName(), "", node)
+        self.InvokeEvent(self.NodeAddedEvent, node)
+        return node
+
+    def AddNewNodeByClass(self, class_name: str, base_name: str = "") -> vtkMRMLNode:
+        node = self.CreateNodeByClass(class_name)
+        node._name = self.GenerateUniqueName(base_name) if base_name else ""
+        return self.AddNode(node)
+
+    def RemoveNode(self, node: vtkMRMLNode) -> None:
+        if node not in self._nodes:
+            return
+        self.InvokeEvent(self.NodeAboutToBeRemovedEvent, node)
+        self._nodes.remove(node)
+        self._sh.items.pop(self._sh.GetItemByDataNode(node), None)
+        node._scene = None
+        self.InvokeEvent(self.NodeRemovedEvent, node)
+
+    def IsNodePresent(self, node: vtkMRMLNode) -> int:
+        return int(node in self._nodes)
+
+    def GetNodeByID(self, node_id: Optional[str]) -> Optional[vtkMRMLNode]:
+        return next((n for n in self._nodes if n.GetID() == node_id), None)
+
+    def GetFirstNodeByName(self, name: str) -> Optional[vtkMRMLNode]:
+        return next((n for n in self._nodes if n.GetName() == name), None)
+
+    def GetNumberOfNodes(self) -> int:
+        return len(self._nodes)
+
+    def GenerateUniqueName(self, base: str) -> str:
+        names = {n.GetName() for n in self._nodes}
+        if base not in names:
+            return base
+        return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in names)
+
+    def SaveStateForUndo(self, *nodes: Any) -> None:
+        self.undo_points += 1
+
+    def IsClosing(self) -> bool:
+        return self._closing
+
+    def Clear(self, remove_singletons: int = 0) -> None:
+        self._closing = True
+        self.InvokeEvent(self.StartCloseEvent)
+        for node in [n for n in self._nodes if not isinstance(n, vtkMRMLSliceNode)]:
+            self.RemoveNode(node)
+        self._closing = False
+        self.InvokeEvent(self.EndCloseEvent)
+
+    def nodes(self, class_name: str) -> List[vtkMRMLNode]:
+        """Test helper (not Slicer API): nodes that are (or derive from) `class_name`."""
+        return [n for n in self._nodes if n.IsA(class_name)]

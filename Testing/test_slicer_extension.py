@@ -1,0 +1,71 @@
+"""Extension layout (CMake, resources) and a static check that our MRML calls exist in Slicer."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from slicer_fakes import mrml
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE = ROOT / "MedMLLMSlicer"
+SLICER_SIDE = [MODULE / "MedMLLMSlicer.py", *sorted((MODULE / "MedMLLMSlicerLib").glob("*.py"))]
+
+
+def _manifest_names() -> set:
+    names = set()
+    for info in mrml.MANIFEST["classes"].values():
+        names |= set(info["methods"]) | set(info.get("constants", {}))
+    return names
+
+
+def test_every_vtk_style_call_is_a_slicer_method():
+    """Also covers code paths the fake-scene tests do not run (e.g. Slicer-only branches)."""
+    modules = {"threading", "subprocess", "socket", "queue", "qt", "backends", "scene_writer", "ctk", "json"}
+    modules |= {"exceptions", "MedMLLMSlicer"}  # requests.exceptions.X; "MedMLLMSlicer.Role" attribute names
+    calls = set()
+    for path in SLICER_SIDE:
+        for receiver, name in re.findall(
+            r"(\w+|\))\.([A-Z][A-Za-z0-9_]+)\b", path.read_text(encoding="utf-8")
+        ):
+            if (
+                receiver not in modules
+                and not receiver.startswith("Q")
+                and not name.startswith("ScriptedLoadable")
+            ):
+                calls.add(name)
+    unknown = calls - _manifest_names()
+    assert unknown == set(), f"not in Slicer's API manifest: {sorted(unknown)}"
+    util_calls = set()
+    for path in SLICER_SIDE:
+        util_calls |= set(re.findall(r"slicer\.util\.([A-Za-z_]+)", path.read_text(encoding="utf-8")))
+    assert util_calls - set(mrml.MANIFEST["slicer.util"]) == set()
+
+
+def test_cmake_lists_and_resources():
+    root = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    for key in (
+        "EXTENSION_HOMEPAGE",
+        "EXTENSION_CATEGORY",
+        "EXTENSION_CONTRIBUTORS",
+        "EXTENSION_DESCRIPTION",
+        "EXTENSION_ICONURL",
+        "EXTENSION_SCREENSHOTURLS",
+        "EXTENSION_DEPENDS",
+    ):
+        assert re.search(rf"set\({key} \S", root), key
+    assert "add_subdirectory(MedMLLMSlicer)" in root
+    module = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert "WITH_GENERIC_TESTS" in module and "medmllm/*.py" in module
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in module
+    for resource in ("Resources/Icons/MedMLLMSlicer.png", "Resources/UI/MedMLLMSlicer.ui"):
+        assert (MODULE / resource).is_file(), resource
+    assert (ROOT / "Resources" / "MedMLLMSlicer.png").is_file()
+    assert 'name="chatHost"' in (MODULE / "Resources/UI/MedMLLMSlicer.ui").read_text(encoding="utf-8")
+
+
+def test_slicer_side_code_is_python39_syntax():
+    import ast
+
+    for path in SLICER_SIDE:
+        ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))

@@ -1,0 +1,55 @@
+"""The fakes are only useful if they are as strict as Slicer: check them against the manifest."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from slicer_fakes import mrml
+from slicer_fakes.fixtures import fake_slicer  # noqa: F401
+
+
+def _fake_classes():
+    return [c for c in vars(mrml).values() if inspect.isclass(c) and issubclass(c, mrml.FakeVTKObject)]
+
+
+@pytest.mark.parametrize("cls", _fake_classes(), ids=lambda c: c.__name__)
+def test_every_faked_method_exists_in_slicer(cls):
+    invented = [
+        name
+        for name, value in vars(cls).items()
+        if name[:1].isupper() and callable(value) and not mrml.manifest_allows(cls._vtk_class, name)
+    ]
+    assert invented == []
+
+
+def test_unknown_methods_raise_attribute_error(fake_slicer):  # noqa: F811
+    roi = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "r")
+    with pytest.raises(AttributeError, match="no method 'SetRadius'"):
+        roi.SetRadius(3)
+    with pytest.raises(AttributeError, match="not faked"):
+        roi.GetPlanes  # noqa: B018 - exists in Slicer, not in the fake
+    text = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "t")
+    with pytest.raises(AttributeError):
+        text.SetCenter(0, 0, 0)  # ROI method on a text node
+    with pytest.raises(AttributeError):
+        fake_slicer.vtkMRMLSubjectHierarchyNode.GetItemParent  # noqa: B018 - not static
+    assert fake_slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(fake_slicer.mrmlScene)
+
+
+def test_fake_util_offers_only_slicer_util_names(fake_slicer):  # noqa: F811
+    names = set(mrml.MANIFEST["slicer.util"]) | set(mrml.MANIFEST["modules"]["slicer.util"]["classes"])
+    public = {n for n in vars(type(fake_slicer.util)) if not n.startswith("_")}
+    public |= {n for n in vars(fake_slicer.util) if not n.startswith("_")}
+    assert public - names == set()
+
+
+def test_scene_events_reach_observers(fake_slicer):  # noqa: F811
+    scene = fake_slicer.mrmlScene
+    seen = []
+    tag = scene.AddObserver(scene.NodeRemovedEvent, lambda caller, event: seen.append(event))
+    node = scene.AddNewNodeByClass("vtkMRMLTextNode", "t")
+    scene.RemoveNode(node)
+    scene.RemoveObserver(tag)
+    scene.RemoveNode(scene.AddNewNodeByClass("vtkMRMLTextNode", "u"))
+    assert seen == ["NodeRemovedEvent"]

@@ -1,0 +1,229 @@
+"""The chat panel under the PySide6 shim, talking to a real server on loopback (scripted engine).
+
+Covers: an answer with box, mask and report landing in the fake scene; grounded links; Enter to
+send; Stop; responsiveness while tokens stream; and the bad inputs (no volume, server down,
+wrong token, volume deleted / scene closed mid-answer, remote consent).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conftest import BONE_VOXELS, phantom_ct
+from slicer_fakes.fixtures import add_phantom, fake_slicer, wait_until  # noqa: F401
+
+
+@pytest.fixture
+def panel(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.chat_panel import ChatPanel
+
+    panel = ChatPanel()
+    panel.accept_intended_use()
+    panel.mode_combo.setCurrentIndex(1)  # remote
+    yield panel
+    panel.cleanup()
+    panel.widget.deleteLater()
+
+
+def _connect(panel, url, token=""):
+    panel.url_combo.setEditText(url)
+    panel.token_edit.setText(token)
+
+
+def _ask(panel, question, timeout=20.0):
+    panel.input.setPlainText(question)
+    panel.send()
+    assert wait_until(lambda: panel.job is None, timeout), "the answer did not finish"
+
+
+def _notices(panel):
+    return [t.text for t in panel.conversation.turns if t.role == "notice"]
+
+
+def test_answer_lands_in_scene_with_links(panel, fake_slicer, live_server):  # noqa: F811
+    voxels, ijk_to_ras = phantom_ct()
+    volume = add_phantom(fake_slicer, voxels, ijk_to_ras)
+    _connect(panel, live_server.url)
+    _ask(panel, "show the box and mask and report")
+    answer = panel.conversation.turns[-1]
+    assert answer.status == "done", _notices(panel)
+    assert answer.text.startswith("Echo: show the box")
+    assert [i.kind for i in answer.items] == ["box", "mask"]
+    roi = fake_slicer.mrmlScene.GetNodeByID(answer.items[0].node_id)
+    centre = [0.0, 0.0, 0.0]
+    roi.GetCenter(centre)
+    i0, j0, k0, i1, j1, k1 = BONE_VOXELS
+    expected = (ijk_to_ras @ [(i0 + i1) / 2, (j0 + j1) / 2, (k0 + k1) / 2, 1.0])[:3]
+    assert np.allclose(centre, expected) and roi.GetName() == "bone block"
+    assert np.allclose(
+        roi.GetSize(), np.abs(np.diag(ijk_to_ras)[:3]) * [i1 - i0 + 1, j1 - j0 + 1, k1 - k0 + 1]
+    )
+    seg_node = fake_slicer.mrmlScene.GetNodeByID(answer.items[1].node_id)
+    segment = seg_node.GetSegmentation().GetSegment(answer.items[1].segment_id)
+    assert segment.GetName() == "bone" and (segment.mask == (voxels > 300)).all()
+    assert np.allclose(segment.ijk_to_ras, ijk_to_ras)
+    report = fake_slicer.mrmlScene.GetNodeByID(panel.scene.node.GetNodeReferenceID("MedMLLMSlicer.Report"))
+    assert "scripted findings" in report.GetText()
+    assert "medmllm:item/1/0" in panel.view.toHtml()
+    from PySide6 import QtCore
+
+    panel._link_clicked(QtCore.QUrl("medmllm:item/1/0"))
+    assert fake_slicer.mrmlScene.nodes("vtkMRMLSliceNode")[0].jumps[-1] == pytest.approx(tuple(expected))
+    assert "centred on bone block" in panel.status_label.text()
+    stored = panel.scene.load()
+    assert stored.turns[-1].items == answer.items and panel.scene.volume is volume
+    assert wait_until(lambda: "scripted findings" in panel.view.toPlainText(), 2), "report shown in the chat"
+    from MedMLLMSlicerLib.chat_panel import ChatPanel
+
+    reopened = ChatPanel()  # e.g. after saving and reopening the scene
+    assert reopened.conversation == panel.conversation
+    reopened.cleanup()
+
+
+def test_follow_up_sends_history_and_reuses_the_upload(panel, fake_slicer, live_server):  # noqa: F811
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, live_server.url)
+    _ask(panel, "hello")
+    _ask(panel, "history please")
+    assert "[3 turns]" in panel.conversation.turns[-1].text
+    assert len(live_server.engine.prepared) == 1, "the volume is uploaded and prepared once"
+
+
+def test_enter_sends_and_shift_enter_adds_a_line(panel, fake_slicer, live_server):  # noqa: F811
+    from PySide6 import QtCore, QtTest
+
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, live_server.url)
+    panel.input.setPlainText("first line")
+    panel.input.moveCursor(panel.input.textCursor().MoveOperation.End)
+    QtTest.QTest.keyClick(panel.input, QtCore.Qt.Key_Return, QtCore.Qt.ShiftModifier)
+    assert panel.input.toPlainText() == "first line\n" and panel.job is None
+    QtTest.QTest.keyClick(panel.input, QtCore.Qt.Key_Return)
+    assert panel.job is not None and panel.input.toPlainText() == ""
+    assert wait_until(lambda: panel.job is None)
+
+
+def test_stop_aborts_fast_and_ui_stays_responsive(panel, fake_slicer, live_server):  # noqa: F811
+    from PySide6 import QtCore
+
+    add_phantom(fake_slicer, *phantom_ct(shape=(60, 128, 128)))
+    _connect(panel, live_server.url)
+    gaps, last = [], [time.perf_counter()]
+
+    def tick():
+        now = time.perf_counter()
+        gaps.append(now - last[0])
+        last[0] = now
+
+    probe = QtCore.QTimer()
+    probe.timeout.connect(tick)
+    probe.start(5)
+    panel.input.setPlainText("slow answer please")
+    panel.send()
+    assert wait_until(lambda: panel.conversation.turns[-1].text.count(".") >= 20)
+    streaming = len(gaps)
+    wait_until(lambda: False, timeout=0.5)
+    worst = max(gaps[streaming:])
+    stop_at = time.perf_counter()
+    panel.stop()
+    stopped_ui = time.perf_counter() - stop_at
+    assert live_server.engine.cancelled.wait(5), "the server was not told to stop"
+    server_stop = time.perf_counter() - stop_at
+    probe.stop()
+    print(
+        f"\nworst main-thread stall while streaming: {worst * 1000:.1f} ms; Stop: UI idle after "
+        f"{stopped_ui * 1000:.1f} ms, engine cancelled after {server_stop * 1000:.0f} ms"
+    )
+    assert panel.job is None and panel.conversation.turns[-1].status == "stopped"
+    assert panel.send_button.isEnabled() and not panel.stop_button.isEnabled()
+    text = panel.conversation.turns[-1].text
+    wait_until(lambda: False, timeout=0.3)
+    assert panel.conversation.turns[-1].text == text, "nothing is shown after Stop"
+    assert worst < 0.5, "the UI froze while tokens streamed"
+
+
+def test_no_volume_selected(panel, live_server):
+    _connect(panel, live_server.url)
+    panel.input.setPlainText("anything")
+    panel.send()
+    assert panel.job is None and "Select a volume first" in _notices(panel)[-1]
+
+
+def test_intended_use_must_be_accepted_first(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.chat_panel import ChatPanel
+
+    add_phantom(fake_slicer, *phantom_ct())
+    panel = ChatPanel()
+    assert not panel.intended_use.isHidden()
+    panel.input.setPlainText("q")
+    panel.send()
+    assert panel.job is None and "intended use" in panel.status_label.text()
+    panel.cleanup()
+
+
+def test_server_down(panel, fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.backends import free_port
+
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, f"127.0.0.1:{free_port()}")
+    _ask(panel, "hello?")
+    assert panel.conversation.turns[-1].status == "error"
+    assert "no server" in _notices(panel)[-1].lower() or "refused" in _notices(panel)[-1].lower()
+
+
+def test_wrong_token(panel, fake_slicer, serve):  # noqa: F811
+    server = serve(token="right-token")
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, server.url, "wrong-token")
+    _ask(panel, "hello?")
+    assert "token" in _notices(panel)[-1].lower()
+    assert "wrong-token" not in panel.settings.stored_keys()
+
+
+@pytest.mark.parametrize("how", ["volume deleted", "scene closed"])
+def test_volume_deleted_or_scene_closed_mid_answer(panel, fake_slicer, live_server, how):  # noqa: F811
+    volume = add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, live_server.url)
+    panel.input.setPlainText("slow")
+    panel.send()
+    assert wait_until(lambda: "." in panel.conversation.turns[-1].text)
+    if how == "volume deleted":
+        fake_slicer.mrmlScene.RemoveNode(volume)
+        assert "volume was deleted" in _notices(panel)[-1]
+    else:
+        fake_slicer.mrmlScene.Clear()
+        assert panel.conversation.turns == [] and panel.scene is None
+    assert panel.job is None
+    assert live_server.engine.cancelled.wait(5)
+    wait_until(lambda: False, timeout=0.2)
+    assert panel.volume_combo.count() == 0
+
+
+def test_remote_upload_needs_inline_consent(panel, fake_slicer):  # noqa: F811
+    sent = []
+
+    class RecordingClient:
+        def ensure_volume(self, voxels, ijk_to_ras):
+            return "0" * 64
+
+        def chat(self, volume_id, **request):
+            sent.append(request)
+            yield {"type": "token", "text": "ok"}
+            yield {"type": "done"}
+
+    panel.client_factory = lambda url, token: RecordingClient()
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, "gpu-box.example.org:8765", "t")
+    panel.input.setPlainText("question")
+    panel.send()
+    assert panel.consent_banner.visible and panel.job is None and sent == []
+    assert "gpu-box.example.org" in panel.consent_banner.label.text()
+    panel.consent_banner.cancel_button.click()
+    assert not panel.consent_banner.visible and panel._pending is None
+    panel.send()
+    panel.consent_banner.button.click()
+    assert wait_until(lambda: panel.job is None)
+    assert sent[0]["messages"][-1] == {"role": "user", "content": "question"}
+    assert panel.conversation.turns[-1].text == "ok"

@@ -1,0 +1,162 @@
+"""Scene writer against the manifest-checked fake MRML scene: ROI nodes, segments, report, chat."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import phantom_ct
+from medmllm.io.segnrrd import Segment, write_seg_nrrd
+from slicer_fakes.fixtures import add_phantom, fake_slicer  # noqa: F401
+
+
+@pytest.fixture
+def writer(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib import scene_writer
+
+    voxels, ijk_to_ras = phantom_ct()
+    volume = add_phantom(fake_slicer, voxels, ijk_to_ras)
+    return scene_writer, volume, scene_writer.ConversationScene.create(volume)
+
+
+def _box_event(center=(1.0, 2.0, 3.0), size=(4.0, 5.0, 6.0), axes=None, label="bone block"):
+    roi = {"center": list(center), "size": list(size), "axes": axes or np.eye(3).tolist()}
+    return {"type": "box", "label": label, "color": [0.9, 0.2, 0.1], "roi": roi}
+
+
+def test_box_becomes_named_coloured_roi_in_conversation_folder(writer, fake_slicer):  # noqa: F811
+    _sw, _volume, conv = writer
+    axes = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    item = conv.add_box(_box_event(axes=axes), 0)
+    roi = fake_slicer.mrmlScene.GetNodeByID(item.node_id)
+    assert roi.GetName() == "bone block" and item.kind == "box"
+    center = [0.0, 0.0, 0.0]
+    roi.GetCenter(center)
+    assert center == [1.0, 2.0, 3.0] and roi.GetSize() == (4.0, 5.0, 6.0)
+    assert np.allclose(roi.GetObjectToNodeMatrix().array[:3, :3], axes)
+    assert roi.GetDisplayNode().GetSelectedColor() == (0.9, 0.2, 0.1)
+    sh = fake_slicer.mrmlScene.GetSubjectHierarchyNode()
+    folder = sh.GetItemParent(sh.GetItemByDataNode(roi))
+    assert folder == sh.GetItemParent(sh.GetItemByDataNode(conv.node))
+    assert sh.GetItemLevel(folder) == "Folder"
+
+
+def test_folder_goes_under_the_volume_study(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.scene_writer import ConversationScene
+
+    volume = add_phantom(fake_slicer, *phantom_ct())
+    sh = fake_slicer.mrmlScene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient"), "CT study")
+    sh.SetItemParent(sh.GetItemByDataNode(volume), study)
+    conv = ConversationScene.create(volume)
+    folder = sh.GetItemParent(sh.GetItemByDataNode(conv.node))
+    assert sh.GetItemParent(folder) == study
+
+
+def test_masks_append_and_never_overwrite_user_segments(writer, fake_slicer, tmp_path):  # noqa: F811
+    _sw, volume, conv = writer
+    voxels, ijk_to_ras = phantom_ct()
+    bone = voxels > 300
+    path = write_seg_nrrd(tmp_path / "a.seg.nrrd", [Segment("bone", bone, (0.9, 0.9, 0.8))], ijk_to_ras)
+    first = conv.add_masks({"type": "mask", "label": "bone", "path": str(path), "segment": 0, "url": "u1"}, 0)
+    seg_node = fake_slicer.mrmlScene.GetNodeByID(first[0].node_id)
+    segmentation = seg_node.GetSegmentation()
+    user_segment = segmentation.GetSegment(first[0].segment_id)
+    user_segment.mask[:] = False  # the user erased it in Segment Editor
+    second = conv.add_masks(
+        {"type": "mask", "label": "bone", "path": str(path), "segment": 0, "url": "u2"}, 1
+    )
+    assert [i.label for i in first + second] == ["bone", "bone (2)"]
+    assert segmentation.GetNumberOfSegments() == 2
+    assert not segmentation.GetSegment(first[0].segment_id).mask.any(), "user's edit must survive"
+    assert (segmentation.GetSegment(second[0].segment_id).mask == bone).all()
+    assert seg_node.GetNodeReferenceID("referenceImageGeometryRef") == volume.GetID()
+    assert fake_slicer.mrmlScene.undo_points == 2
+    assert len(fake_slicer.mrmlScene.nodes("vtkMRMLSegmentationNode")) == 1, "temporary node removed"
+    again = conv.add_masks({"type": "mask", "label": "bone", "path": str(path), "segment": 0, "url": "u2"}, 2)
+    assert again == [], "the same segment of the same answer is imported once"
+
+
+def test_report_and_conversation_survive_in_scene(writer, fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.conversation import Conversation, Turn
+
+    sw, volume, conv = writer
+    report = conv.set_report("## Report\nfine")
+    assert report.GetText() == "## Report\nfine"
+    assert conv.set_report("second") is report
+    chat = Conversation(turns=[Turn("user", "where is the bone?"), Turn("assistant", "here", status="done")])
+    conv.save(chat)
+    restored = sw.ConversationScene.latest(volume).load()
+    assert restored == chat
+
+
+def test_volume_deleted_or_scene_closed_refuses_results(writer, fake_slicer):  # noqa: F811
+    sw, volume, conv = writer
+    fake_slicer.mrmlScene.RemoveNode(volume)
+    with pytest.raises(sw.SceneError, match="volume was deleted"):
+        conv.add_box(_box_event(), 0)
+    errors = []
+
+    def write_while_closing(caller, event):
+        try:
+            conv.set_report("x")
+        except sw.SceneError as exc:
+            errors.append(str(exc))
+
+    scene = fake_slicer.mrmlScene
+    scene.AddObserver(scene.StartCloseEvent, write_while_closing)
+    scene.Clear()
+    assert errors and "scene was closed" in errors[0]
+    with pytest.raises(sw.SceneError, match="text node was deleted"):
+        conv.set_report("x")
+
+
+def test_focus_centres_slice_views_and_selects(writer, fake_slicer, tmp_path):  # noqa: F811
+    sw, _volume, conv = writer
+    box = conv.add_box(_box_event(center=(10.0, -5.0, 2.5)), 0)
+    assert sw.focus(box).startswith("centred on bone block")
+    for view in fake_slicer.mrmlScene.nodes("vtkMRMLSliceNode"):
+        assert view.jumps[-1] == (10.0, -5.0, 2.5)
+    assert fake_slicer.mrmlScene.GetNodeByID(box.node_id).GetSelected() == 1
+    voxels, ijk_to_ras = phantom_ct()
+    path = write_seg_nrrd(tmp_path / "b.seg.nrrd", [Segment("bone", voxels > 300, (1, 1, 1))], ijk_to_ras)
+    mask = conv.add_masks({"type": "mask", "label": "bone", "path": str(path), "segment": 0}, 1)[0]
+    sw.focus(mask)
+    centre_ijk = np.array([(10 + 17) / 2, (12 + 19) / 2, (5 + 14) / 2, 1.0])
+    expected = (ijk_to_ras @ centre_ijk)[:3]
+    assert np.allclose(fake_slicer.mrmlScene.nodes("vtkMRMLSliceNode")[0].jumps[-1], expected)
+    fake_slicer.mrmlScene.RemoveNode(fake_slicer.mrmlScene.GetNodeByID(box.node_id))
+    assert "no longer in the scene" in sw.focus(box)
+
+
+def test_bad_inputs_give_sentences(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib import scene_writer as sw
+
+    with pytest.raises(sw.SceneError, match="select a volume"):
+        sw.volume_arrays(None)
+    roi = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "flat")
+    roi.SetSize(10.0, 0.0, 5.0)
+    with pytest.raises(sw.SceneError, match="zero size"):
+        sw.roi_request(roi)
+    volume = add_phantom(fake_slicer, *phantom_ct())
+    conv = sw.ConversationScene.create(volume)
+    with pytest.raises(sw.SceneError, match="without an ROI"):
+        conv.add_box({"type": "box", "label": "x"}, 0)
+    with pytest.raises(sw.SceneError, match="could not be downloaded"):
+        conv.add_masks({"type": "mask", "label": "x"}, 0)
+
+
+def test_roi_request_and_volume_arrays(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib import scene_writer as sw
+
+    voxels, ijk_to_ras = phantom_ct()
+    volume = add_phantom(fake_slicer, voxels, ijk_to_ras)
+    copy, matrix = sw.volume_arrays(volume)
+    assert np.array_equal(copy, voxels) and copy is not voxels and np.allclose(matrix, ijk_to_ras)
+    roi = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "region")
+    roi.SetCenter(1.0, 2.0, 3.0)
+    roi.SetSize(4.0, 5.0, 6.0)
+    assert sw.roi_request(roi) == {
+        "center": [1.0, 2.0, 3.0],
+        "size": [4.0, 5.0, 6.0],
+        "axes": np.eye(3).tolist(),
+    }
