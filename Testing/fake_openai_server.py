@@ -1,0 +1,216 @@
+"""A fake OpenAI-compatible vision server for tests: records what it was sent, answers in real formats.
+
+Wire format (what `vllm serve` sends back, and what the `openai` SDK parses):
+- streaming `POST /v1/chat/completions`: `text/event-stream`, one `data: {chat.completion.chunk}` per
+  delta (first delta carries `role`, the last one `finish_reason`), then `data: [DONE]`
+  (OpenAI API reference "The chat completion chunk object"; vllm/entrypoints/openai/serving_chat.py).
+- errors: `{"error": {"message", "type", "param", "code"}}` (vLLM's ErrorResponse, same shape as OpenAI's);
+  a text-only model given an image answers 400 "<model> is not a multimodal model" (vLLM's message,
+  quoted in vllm-project/vllm#23402 and #19144); a wrong key gets 401 `{"error": "Unauthorized"}`
+  (vLLM's --api-key middleware).
+
+Model answers the phantom tests use, each in the grammar its family really emits:
+- internvl (MedRegA): `<ref>carotid vessel wall</ref><box>[[365, 293, 416, 598]]</box>`, ints 0-999
+  of the image (xmed-lab/MedRegA demo_data/data_file.jsonl; evaluator_reg.py divides by 999);
+- qwen25vl: a ```json fenced list of `{"bbox_2d": [x1, y1, x2, y2], "label": ...}` in absolute pixels
+  of the image the model saw (reference/models/minigptmed-medrega.md §3; QwenLM/Qwen3-VL#676);
+- medgemma: a ```json list of `{"box_2d": [y0, x0, y1, x1], "label": ...}`, 0-1000 of the padded square
+  (Google-Health/medgemma notebooks/cxr_anatomy_localization_with_hugging_face.ipynb, reference §3);
+- minigptmed: `<p>tumor</p> {<29><43><42><56>}`, ints 0-100 (Vision-CAIR/MiniGPT-Med
+  minigpt4/datasets/datasets/nlst_dataset.py generate_caption).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from PIL import Image
+
+Answer = Callable[[Dict[str, Any], List[Image.Image]], str]
+
+
+@dataclass
+class Recorded:
+    """One request as the server saw it."""
+
+    headers: Dict[str, str]
+    body: Dict[str, Any]
+    images: List[Image.Image] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> str:
+        """The text parts of the last user message, joined."""
+        content = self.body["messages"][-1]["content"]
+        if isinstance(content, str):
+            return content
+        return "\n".join(part["text"] for part in content if part["type"] == "text")
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _decode_images(body: Dict[str, Any]) -> List[Image.Image]:
+    images = []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if part.get("type") == "image_url":
+                url = part["image_url"]["url"]
+                header, _, data = url.partition(",")
+                if not header.startswith("data:image/") or ";base64" not in header:
+                    raise ValueError(f"not a base64 image data URL: {url[:40]!r}")
+                images.append(Image.open(io.BytesIO(base64.b64decode(data, validate=True))))
+    return images
+
+
+class FakeOpenAIServer:
+    """A `/v1` server on a free loopback port, in a background thread; use as a context manager."""
+
+    def __init__(
+        self,
+        answer: Answer,
+        model: str = "fake-vlm",
+        api_key: Optional[str] = None,
+        vision: bool = True,
+        chunk_size: int = 3,
+        first_delay: float = 0.0,
+        chunk_delay: float = 0.0,
+        models: Optional[List[str]] = None,
+        raw_stream: Optional[str] = None,
+    ) -> None:
+        self.answer = answer
+        self.model = model
+        self.api_key = api_key
+        self.vision = vision
+        self.chunk_size = chunk_size
+        self.first_delay = first_delay
+        self.chunk_delay = chunk_delay
+        self.served = models or [model]
+        self.raw_stream = raw_stream  # sent verbatim as the event stream body, to imitate broken servers
+        self.requests: List[Recorded] = []
+        self.chunks_sent = 0
+        self.app = self._build()
+        self._server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.middleware("http")
+        async def check_key(request: Request, call_next: Any) -> Any:
+            if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+                return JSONResponse({"error": "Unauthorized"}, status_code=401)
+            return await call_next(request)
+
+        @app.get("/v1/models")
+        async def models() -> Dict[str, Any]:
+            now = int(time.time())
+            data = [{"id": m, "object": "model", "created": now, "owned_by": "vllm"} for m in self.served]
+            return {"object": "list", "data": data}
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            body = await request.json()
+            try:
+                images = _decode_images(body)
+            except Exception as exc:
+                return _error(400, f"invalid image: {exc}", "BadRequestError")
+            self.requests.append(Recorded(dict(request.headers), body, images))
+            if body.get("model") not in self.served:
+                return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+            if images and not self.vision:
+                return _error(400, f"{body['model']} is not a multimodal model", "BadRequestError")
+            text = self.answer(body, images)
+            await asyncio.sleep(self.first_delay)  # a busy server: not even the response headers yet
+            if self.raw_stream is not None:
+                return StreamingResponse(iter([self.raw_stream]), media_type="text/event-stream")
+            return StreamingResponse(self._chunks(body["model"], text), media_type="text/event-stream")
+
+        return app
+
+    async def _chunks(self, model: str, text: str) -> Any:
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def event(delta: Dict[str, Any], finish: Optional[str] = None) -> str:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            chunk = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model}
+            chunk["choices"] = [choice]
+            return f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+
+        yield event({"role": "assistant", "content": ""})
+        for start in range(0, len(text), self.chunk_size):
+            await asyncio.sleep(self.chunk_delay)
+            self.chunks_sent += 1
+            yield event({"content": text[start : start + self.chunk_size]})
+        yield event({"content": ""}, finish="stop")
+        yield "data: [DONE]\n\n"
+
+    def __enter__(self) -> FakeOpenAIServer:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="critical", lifespan="off", timeout_graceful_shutdown=1)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("fake OpenAI server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._server is not None and self._thread is not None
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+def bright_box(image: Image.Image) -> Tuple[float, float, float, float]:
+    """Edge fractions (x0, y0, x1, y1) of the brightest structure, as a perfect model would see it."""
+    pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    rows, cols = np.nonzero(pixels >= 0.75 * pixels.max())
+    height, width = pixels.shape
+    return (cols.min() / width, rows.min() / height, (cols.max() + 1) / width, (rows.max() + 1) / height)
+
+
+def grounded_answer(dialect: str, image: Image.Image, label: str) -> str:
+    """The answer each model family would give for the bright structure, in its own grammar."""
+    x0, y0, x1, y1 = bright_box(image)
+    width, height = image.size
+    if dialect == "internvl":
+        values = [round(v * 999) for v in (x0, y0, x1, y1)]
+        return f"<ref>{label}</ref><box>[[{', '.join(map(str, values))}]]</box>"
+    if dialect == "qwen25vl":
+        values = [round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)]
+        return f'```json\n[\n\t{{"bbox_2d": {values}, "label": "{label}"}}\n]\n```'
+    if dialect == "medgemma":
+        values = [round(v * 1000) for v in (y0, x0, y1, x1)]
+        return f'Final Answer:\n```json\n[{{"box_2d": {values}, "label": "{label}"}}]\n```'
+    if dialect == "minigptmed":
+        values = [round(v * 100) for v in (x0, y0, x1, y1)]
+        return f"<p>{label}</p> {{{''.join(f'<{v}>' for v in values)}}}"
+    raise ValueError(f"no grounded answer format for dialect {dialect!r}")
