@@ -1,0 +1,277 @@
+"""`builtin`: the engine that needs no model weights and works offline; the default for the demo.
+
+Answers come from real image analysis of the volume (CT anatomy from Hounsfield units, a brain
+mask on MRI, measurements, a templated report), routed by keywords; it says plainly that it is
+not a language model. Expensive masks are cached per volume id for the last few volumes.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from medmllm.engines.base import (
+    BoxOut,
+    Capabilities,
+    ChatContext,
+    Engine,
+    EngineError,
+    EngineEvent,
+    EngineOptions,
+    MaskOut,
+    ModelInfo,
+    ReportOut,
+    TokenOut,
+)
+from medmllm.engines.builtin import intents
+from medmllm.engines.builtin.ct_tools import CTAnalysis
+from medmllm.engines.builtin.measure import Measurement, measure, size_sentence, where_sentence
+from medmllm.engines.builtin.mri_tools import BrainMaskError, brain_mask
+from medmllm.engines.builtin.report import guess_modality, volume_report
+from medmllm.geometry.boxes import IJKBox
+from medmllm.geometry.volume import Volume
+
+NOT_AN_LLM = "(Built-in image-analysis tools, not a language model.)"
+BRAIN_PLAUSIBLE_ML = 500.0  # adult brains are 1000-1700 mL; far less suggests the wrong kind of image
+SMALL_BRAIN = "This is far smaller than an adult brain: check that the volume is a head MRI."
+MAX_CACHED_VOLUMES = 2  # masks of a 512x512x300 CT take ~80 MB each; keep the last two volumes
+
+# Slicer GenericAnatomyColors-style display colours (0..1 RGB) per segment name.
+COLOURS: Dict[str, Tuple[float, float, float]] = {
+    name: (r / 255.0, g / 255.0, b / 255.0)
+    for name, (r, g, b) in {
+        "Body": (177, 122, 101),
+        "Right lung": (197, 165, 145),
+        "Left lung": (197, 165, 145),
+        "Lungs": (197, 165, 145),
+        "Airway": (182, 228, 255),
+        "Bone": (241, 214, 145),
+        "Brain": (250, 250, 225),
+    }.items()
+}
+METHOD_NOTES = {
+    "CT": "CT tools: body > -500 HU (largest part, holes filled per slice); lungs < -400 HU inside "
+    "the body minus the airway (two largest parts, right = larger RAS x); airway < -900 HU entering "
+    "at the top slices; bone >= 250 HU (contrast-filled vessels can reach this too).",
+}
+
+
+class _VolumeState:
+    """What the engine knows about one volume; `lock` serialises the expensive tools."""
+
+    def __init__(self, volume: Volume) -> None:
+        self.volume = volume
+        self.modality = guess_modality(volume.voxels)
+        self.ct: Optional[CTAnalysis] = None
+        if self.modality[0] == "CT":
+            self.ct = CTAnalysis(volume.voxels, volume.ijk_to_ras, volume.spacing)
+        self.brain: Optional[Tuple[np.ndarray, str]] = None
+        self.measurements: Dict[str, Measurement] = {}
+        self.lock = threading.Lock()
+
+
+class BuiltinEngine(Engine):
+    """Options: `extra["brain_method"]` = "auto" (default), "deepbet" or "classical"."""
+
+    name = "builtin"
+
+    def __init__(self, options: Optional[EngineOptions] = None) -> None:
+        super().__init__(options or EngineOptions())
+        self.brain_method = str(self.options.extra.get("brain_method", "auto"))
+        if self.brain_method not in ("auto", "deepbet", "classical"):
+            raise EngineError(f"brain_method must be auto, deepbet or classical; got {self.brain_method!r}")
+        self._states: OrderedDict = OrderedDict()
+        self._states_lock = threading.Lock()
+
+    def models(self) -> List[ModelInfo]:
+        return [
+            ModelInfo(
+                engine=self.name,
+                model="builtin-anatomy",
+                description="Deterministic anatomy tools (CT body/lungs/airway/bone, MRI brain), "
+                "measurements and a templated report; keyword routing in English and Chinese. "
+                "Not a language model.",
+                capabilities=Capabilities(
+                    input="volume3d", boxes=True, masks=True, region_input=False, languages=("en", "zh")
+                ),
+                licence="Apache-2.0 (this project); brain network weights: deepbet, MIT",
+                intended_use="Teaching, demos and pipeline checks without a GPU; not for diagnosis.",
+            )
+        ]
+
+    def prepare(self, volume: Volume, volume_id: str) -> None:
+        self._state(volume, volume_id)
+
+    def close(self) -> None:
+        with self._states_lock:
+            self._states.clear()
+
+    def chat(self, ctx: ChatContext, cancel: threading.Event) -> Iterator[EngineEvent]:
+        request = intents.parse(ctx.question)
+        yield from _words(NOT_AN_LLM, cancel)
+        if cancel.is_set():
+            return
+        state = self._state(ctx.volume, ctx.volume_id)
+        if request.intent == "report":
+            yield from self._report(state, cancel)
+        elif request.structures:
+            yield from self._answer(state, request, cancel)
+        elif request.unknown:
+            text = f"I cannot find '{request.unknown}' with these tools. {intents.capabilities_text()}"
+            yield from _words(text, cancel)
+        elif request.intent == "help":
+            yield from _words(intents.capabilities_text(), cancel)
+        else:
+            yield from _words(
+                f"I did not recognise a question I can answer. {intents.capabilities_text()}", cancel
+            )
+
+    def _state(self, volume: Volume, volume_id: str) -> _VolumeState:
+        with self._states_lock:
+            state = self._states.get(volume_id)
+            if state is None:
+                state = _VolumeState(volume)
+                self._states[volume_id] = state
+            self._states.move_to_end(volume_id)
+            while len(self._states) > MAX_CACHED_VOLUMES:
+                self._states.popitem(last=False)
+            return state
+
+    def _segments(self, state: _VolumeState, key: str) -> Dict[str, np.ndarray]:
+        """{segment name: mask} for a structure key; computed once per volume."""
+        with state.lock:
+            if key == "brain":
+                if state.brain is None:
+                    state.brain = brain_mask(state.volume.voxels, state.volume.ijk_to_ras, self.brain_method)
+                return {"Brain": state.brain[0]} if state.brain[0].any() else {}
+            if state.ct is None:  # callers check the modality first; this keeps a wrong call loud
+                raise EngineError(f"the {key} tool needs a CT volume")
+            tools: Dict[str, Callable[[], Dict[str, np.ndarray]]] = {
+                "body": state.ct.body_masks,
+                "lung": state.ct.lung_masks,
+                "airway": state.ct.airway_masks,
+                "bone": state.ct.bone_masks,
+            }
+            return tools[key]()
+
+    def _measure(self, state: _VolumeState, label: str, mask: np.ndarray) -> Measurement:
+        with state.lock:
+            if label not in state.measurements:
+                state.measurements[label] = measure(label, mask, state.volume.voxels, state.volume.ijk_to_ras)
+            return state.measurements[label]
+
+    def _reference(self, state: _VolumeState) -> Optional[Measurement]:
+        """Body (CT) or brain (MR) measurement: what left/right/midline is judged against."""
+        key, label = ("body", "Body") if state.ct is not None else ("brain", "Brain")
+        segments = self._segments(state, key)
+        return self._measure(state, label, segments[label]) if label in segments else None
+
+    def _answer(
+        self, state: _VolumeState, request: intents.Request, cancel: threading.Event
+    ) -> Iterator[EngineEvent]:
+        for key in request.structures:
+            if cancel.is_set():
+                return
+            wrong = _modality_mismatch(state, key)
+            if wrong:
+                yield from _words(wrong, cancel)
+                continue
+            try:
+                segments = _pick_side(self._segments(state, key), request.side)
+            except BrainMaskError as exc:
+                yield from _words(str(exc), cancel)
+                continue
+            if not segments:
+                title = intents.structure(key).title
+                yield from _words(f"I found no {title} in this volume with the built-in thresholds.", cancel)
+                continue
+            reference = self._reference(state) if request.intent == "where" else None
+            for label, mask in segments.items():
+                if cancel.is_set():
+                    return
+                yield from self._one_segment(state, request.intent, label, mask, reference, cancel)
+        if request.side and request.structures == ("lung",) and "Lungs" in self._segments(state, "lung"):
+            yield from _words(
+                "The two lungs touch in this volume, so I could not tell right from left.", cancel
+            )
+
+    def _one_segment(
+        self,
+        state: _VolumeState,
+        intent: str,
+        label: str,
+        mask: np.ndarray,
+        reference: Optional[Measurement],
+        cancel: threading.Event,
+    ) -> Iterator[EngineEvent]:
+        m = self._measure(state, label, mask)
+        unit = "HU" if state.ct is not None else "intensity"
+        caution = f" {SMALL_BRAIN}" if _small_brain(m) else ""
+        if intent == "where":
+            yield BoxOut(
+                label, IJKBox.from_voxels(*m.voxel_lo, *m.voxel_hi), {"tool": "builtin", "kind": "bounds"}
+            )
+            yield from _words(where_sentence(m, reference) + caution, cancel)
+            return
+        colour = COLOURS.get(label)
+        yield MaskOut(label, mask, colour, m.stats())
+        text = size_sentence(m, unit)
+        if intent in ("show", "segment"):
+            text = f"Showing the {label.lower()} as a segment. " + text
+        yield from _words(text + caution, cancel)
+
+    def _report(self, state: _VolumeState, cancel: threading.Event) -> Iterator[EngineEvent]:
+        keys = [s.key for s in intents.STRUCTURES if s.modality == state.modality[0]]
+        findings: List[Measurement] = []
+        notes: List[str] = [METHOD_NOTES[state.modality[0]]] if state.modality[0] in METHOD_NOTES else []
+        for key in keys:
+            yield from _words(f"Analysing {intents.structure(key).title}...", cancel)
+            if cancel.is_set():
+                return
+            try:
+                segments = self._segments(state, key)
+            except BrainMaskError as exc:
+                notes.append(str(exc))
+                continue
+            findings += [self._measure(state, label, mask) for label, mask in segments.items()]
+        if state.brain is not None:
+            notes.append(f"Brain mask method: {state.brain[1]}.")
+        notes += [SMALL_BRAIN for m in findings if _small_brain(m)]
+        yield ReportOut(volume_report(state.volume.describe(), state.modality, findings, notes))
+        found = ", ".join(f"{m.label.lower()} {m.volume_ml:.0f} mL" for m in findings) or "no structures"
+        yield from _words(f"Report ready. Modality guess: {state.modality[0]}. Found: {found}.", cancel)
+
+
+def _small_brain(m: Measurement) -> bool:
+    return m.label == "Brain" and m.volume_ml < BRAIN_PLAUSIBLE_ML
+
+
+def _modality_mismatch(state: _VolumeState, key: str) -> str:
+    needed = intents.structure(key).modality
+    if needed == state.modality[0]:
+        return ""
+    title = intents.structure(key).title
+    if needed == "CT":
+        return f"Finding the {title} needs CT Hounsfield units; this is not CT ({state.modality[1]})."
+    return f"The {title} tool works on brain MRI, and this volume looks like CT ({state.modality[1]})."
+
+
+def _pick_side(segments: Dict[str, np.ndarray], side: Optional[str]) -> Dict[str, np.ndarray]:
+    if side is None:
+        return segments
+    chosen = {k: v for k, v in segments.items() if k.lower().startswith(side)}
+    return chosen or segments
+
+
+def _words(text: str, cancel: threading.Event) -> Iterator[TokenOut]:
+    """Stream text word by word (with the following space), stopping as soon as `cancel` is set."""
+    for word in text.split(" "):
+        if cancel.is_set():
+            return
+        yield TokenOut(word + " ")
+
+
+ENGINE = BuiltinEngine

@@ -1,0 +1,85 @@
+"""Array plumbing shared by the tools: a coarse working grid mapped back exactly, components, axes.
+
+Connectivity decisions (largest component, hole filling) are made on a strided coarse grid, where
+they are cheap; the voxel-exact boundary is then re-decided on the full grid by the tool's own
+threshold inside a thin band around the coarse boundary. So a 512x512x300 CT costs seconds, and
+the mask still follows the full-resolution intensities.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import numpy as np
+
+Factors = Tuple[int, int, int]
+
+# Volumes at or under this many voxels are analysed at full resolution (phantoms, small scans).
+FULL_RES_MAX_VOXELS = 12_000_000
+# Coarse voxel edge aimed for on big volumes; 2 mm keeps a 15 mm trachea ~7 voxels wide.
+COARSE_TARGET_MM = 2.0
+
+
+def coarse_factors(shape: Sequence[int], spacing_kji: Sequence[float]) -> Factors:
+    """Stride per array axis ([k, j, i]) for the working grid; (1, 1, 1) for small volumes."""
+    if int(np.prod(shape)) <= FULL_RES_MAX_VOXELS:
+        return (1, 1, 1)
+    f = [max(1, int(COARSE_TARGET_MM // max(s, 1e-6))) for s in spacing_kji]
+    return (f[0], f[1], f[2])
+
+
+def downsample(array: np.ndarray, f: Factors) -> np.ndarray:
+    return array[:: f[0], :: f[1], :: f[2]]
+
+
+def upsample(coarse: np.ndarray, f: Factors, shape: Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour inverse of `downsample`: full voxel v takes coarse voxel v // f."""
+    out = coarse
+    for axis in range(3):
+        if f[axis] > 1:
+            out = np.repeat(out, f[axis], axis=axis)
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+def refine(coarse: np.ndarray, f: Factors, full_threshold: np.ndarray) -> np.ndarray:
+    """Full-resolution mask: coarse interior kept, boundary band re-decided by `full_threshold`."""
+    if f == (1, 1, 1):
+        return coarse
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(coarse)
+    band = ndimage.binary_dilation(coarse) & ~inner
+    shape = full_threshold.shape
+    return upsample(inner, f, shape) | (upsample(band, f, shape) & full_threshold)
+
+
+def largest_components(mask: np.ndarray, count: int = 1) -> list:
+    """The `count` largest 26-connected components, biggest first, as boolean arrays."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel())[1:]
+    order = np.argsort(sizes)[::-1][:count]
+    return [labels == (i + 1) for i in order]
+
+
+def fill_holes_per_slice(mask: np.ndarray, axis: int) -> np.ndarray:
+    """2D hole filling slice by slice: closes lungs and bowel inside the body outline even when
+    the airway opens the 3D cavity at the top of the scan."""
+    from scipy import ndimage
+
+    out = np.empty_like(mask)
+    src = np.moveaxis(mask, axis, 0)
+    dst = np.moveaxis(out, axis, 0)
+    for n in range(src.shape[0]):
+        dst[n] = ndimage.binary_fill_holes(src[n])
+    return out
+
+
+def axial_axis(ijk_to_ras: np.ndarray) -> int:
+    """Array axis ([k, j, i] order) closest to superior-inferior: the axis slices are taken across."""
+    from medmllm.geometry.transforms import nearest_axis
+
+    return 2 - nearest_axis(ijk_to_ras, (0.0, 0.0, 1.0))
