@@ -1,7 +1,7 @@
 """Brain masks: the classical method on a head phantom, deepbet on the real MNI152 template.
 
-The MNI152 checks run only where the nilearn and deepbet wheels are in the medmllm cache
-(`scripts/demo` puts them there); tests never download.
+The MNI152 checks read the nilearn and deepbet wheels from the medmllm cache, which
+`scripts/setup` fills (`python -m medmllm.samples`); tests themselves never download.
 """
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ from medmllm import samples
 from medmllm.engines.builtin import mri_tools
 from medmllm.engines.builtin.mri_tools import BrainMaskError, brain_mask, otsu_threshold
 from medmllm.geometry.volume import Volume
-
-GM = samples.WheelAsset(
-    "nilearn", "0.14.1", "nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz", "GM", ""
-)
-WM = samples.WheelAsset(
-    "nilearn", "0.14.1", "nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz", "WM", ""
-)
 
 
 def _oblique(spacing: float, shape, degrees: float) -> np.ndarray:
@@ -77,12 +70,9 @@ def test_no_tissue_is_a_clear_error():
 
 @pytest.fixture(scope="module")
 def mni():
-    paths = [
-        samples.find_asset(a) for a in (samples.MNI_T1, GM, WM, samples.DEEPBET_MODEL, samples.DEEPBET_BBOX)
-    ]
-    if any(p is None for p in paths):
-        pytest.skip("MNI152 / deepbet wheels not cached (run scripts/demo once)")
-    pytest.importorskip("torch")
+    paths = [samples.find_asset(a) for a in samples.SAMPLE_ASSETS]
+    missing = [a.member for a, p in zip(samples.SAMPLE_ASSETS, paths) if p is None]
+    assert not missing, f"sample wheels not cached: {missing} (scripts/setup fetches them)"
     t1 = Volume.from_file(paths[0])
     tissue = (Volume.from_file(paths[1]).voxels.astype(float) + Volume.from_file(paths[2]).voxels) / 255 > 0.5
     return t1, tissue

@@ -45,6 +45,20 @@ MNI_T1 = WheelAsset(
     "MNI ICBM152 template (c) McConnell Brain Imaging Centre, free use with attribution "
     "(Fonov et al., NeuroImage 2011); shipped by nilearn",
 )
+MNI_GM = WheelAsset(
+    "nilearn",
+    "0.14.1",
+    "nilearn/datasets/data/mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
+    "MNI ICBM152 grey-matter probability map (checks the brain mask)",
+    MNI_T1.terms,
+)
+MNI_WM = WheelAsset(
+    "nilearn",
+    "0.14.1",
+    "nilearn/datasets/data/mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz",
+    "MNI ICBM152 white-matter probability map (checks the brain mask)",
+    MNI_T1.terms,
+)
 DEEPBET_MODEL = WheelAsset("deepbet", "1.0.2", "data/models/model.pt", "deepbet brain-extraction network", "")
 DEEPBET_BBOX = WheelAsset(
     "deepbet", "1.0.2", "data/models/bbox_model.pt", "deepbet brain bounding-box network", ""
@@ -205,3 +219,10 @@ def head_mr_phantom(
     out[r2 <= HEAD_RADII["skull_outer"] ** 2] = MR_INTENSITY["skull"]
     out[r2 <= HEAD_RADII["brain"] ** 2] = MR_INTENSITY["brain"]
     return Volume(out, m)
+
+
+SAMPLE_ASSETS = (MNI_T1, MNI_GM, MNI_WM, DEEPBET_MODEL, DEEPBET_BBOX)
+
+if __name__ == "__main__":
+    for _asset in SAMPLE_ASSETS:
+        print(f"[samples] {_asset.description}: {fetch_asset(_asset)}")
