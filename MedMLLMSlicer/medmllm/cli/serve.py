@@ -1,0 +1,117 @@
+"""`medmllm serve`: run the model server for one engine (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+from medmllm.cli import UsageError
+from medmllm.engines.base import EngineError, EngineOptions
+
+TOKEN_ENV = "MEDMLLM_TOKEN"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the model server (HTTP API, see docs/api.md)")
+    add_engine_arguments(p)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --token)"
+    )
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 = any free port)")
+    p.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"require 'Authorization: Bearer TOKEN' on every route but /healthz (default: ${TOKEN_ENV}, "
+        "which unlike the command line other users cannot see in ps)",
+    )
+    p.add_argument(
+        "--store",
+        type=Path,
+        default=Path.home() / ".cache" / "medmllm" / "server",
+        help="folder for uploaded volumes and result files (default ~/.cache/medmllm/server)",
+    )
+    p.add_argument("--max-volume-mb", type=float, default=2048, help="largest accepted volume upload (MB)")
+    p.add_argument("--max-store-gb", type=float, default=20, help="disk bound of the volume store (GB, LRU)")
+    p.add_argument("--max-memory-gb", type=float, default=4, help="volumes kept decoded in memory (GB, LRU)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Engine choice and EngineOptions, shared by `serve` and `ask`."""
+    p.add_argument("--engine", default="builtin", help="engine name (default builtin; see GET /v1/models)")
+    p.add_argument("--model", help="model path or name for the engine")
+    p.add_argument("--base-url", help="OpenAI-compatible server URL (engine openai)")
+    p.add_argument("--api-key", help="API key of that server")
+    p.add_argument("--dialect", help="grounding dialect of the model (e.g. internvl, qwen25vl, medgemma)")
+    p.add_argument("--device", help="torch device, e.g. cuda or cpu")
+    p.add_argument("--dtype", help="torch dtype, e.g. bfloat16")
+
+
+def engine_from_args(args: argparse.Namespace):
+    from medmllm.engines.registry import create_engine
+
+    options = EngineOptions(
+        model=args.model,
+        base_url=args.base_url,
+        api_key=args.api_key,
+        dialect=args.dialect,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    try:
+        return create_engine(args.engine, options)
+    except EngineError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _limits(args: argparse.Namespace) -> Dict[str, int]:
+    values = {"--max-volume-mb": args.max_volume_mb, "--max-store-gb": args.max_store_gb}
+    values["--max-memory-gb"] = args.max_memory_gb
+    for flag, value in values.items():
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive")
+    return {
+        "max_volume_bytes": int(args.max_volume_mb * 2**20),
+        "max_store_bytes": int(args.max_store_gb * 2**30),
+        "max_memory_bytes": int(args.max_memory_gb * 2**30),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from medmllm.server.auth import check_bind
+
+    try:
+        check_bind(args.host, args.token)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be 0..65535, not {args.port}")
+    limits = _limits(args)
+    try:
+        import uvicorn
+
+        from medmllm.server.app import create_app
+    except ImportError as exc:
+        raise UsageError(
+            f"the server needs the 'server' extra: pip install 'medmllm[server]' ({exc})"
+        ) from None
+    engine = engine_from_args(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        app = create_app(engine, args.store, token=args.token, **limits)
+    except OSError as exc:
+        raise UsageError(f"cannot use store folder {args.store}: {exc}") from None
+    auth = "token required" if args.token else "no token (loopback only)"
+    print(
+        f"medmllm serve: engine {args.engine}, http://{args.host}:{args.port}, {auth}, store {args.store}",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0

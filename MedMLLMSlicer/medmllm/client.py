@@ -1,0 +1,260 @@
+"""HTTP client of the model server; runs inside Slicer (stdlib + numpy + requests only) and outside.
+
+The same volume is never sent twice: its id is the sha256 of the wire bytes, so `ensure_volume`
+asks with HEAD first and uploads only when the server does not have it. Chat answers stream as
+server-sent events parsed here by hand, robust to any chunking. Every failure is a
+`BackendError` whose message is a sentence a user can act on.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from urllib.parse import urljoin
+
+import numpy as np
+import requests
+
+from medmllm.protocol import API_VERSION, UPLOAD_ENCODING, chat_request, results_path, volume_path
+
+Timeout = Union[float, Tuple[float, float]]
+
+
+class BackendError(Exception):
+    """Anything that went wrong talking to the server; str() is a sentence for the user."""
+
+
+class ServerUnreachable(BackendError):
+    pass
+
+
+class BackendTimeout(BackendError):
+    pass
+
+
+class AuthError(BackendError):
+    pass
+
+
+class VolumeTooLarge(BackendError):
+    pass
+
+
+class BadRequest(BackendError):
+    pass
+
+
+class ServerError(BackendError):
+    pass
+
+
+class StreamInterrupted(BackendError):
+    """The connection dropped mid-answer; the events already yielded stay valid."""
+
+
+class MedMLLMClient:
+    """`MedMLLMClient("http://127.0.0.1:8765", token=...)`; `timeout` = (connect, read) seconds."""
+
+    def __init__(self, base_url: str, token: Optional[str] = None, timeout: Timeout = (5.0, 300.0)) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+        self.last_upload_bytes = 0
+
+    def __repr__(self) -> str:
+        return f"MedMLLMClient({self.base_url!r})"
+
+    def health(self) -> Dict[str, Any]:
+        """Server version info; raises BackendError if its API major version differs from ours."""
+        info = self._request("GET", "/healthz").json()
+        if str(info.get("api_version", "")).split(".")[0] != API_VERSION:
+            raise BackendError(
+                f"the server speaks API version {info.get('api_version')}, this client {API_VERSION}: "
+                "update one of them"
+            )
+        return info
+
+    def models(self) -> List[Dict[str, Any]]:
+        return self._request("GET", "/v1/models").json()["models"]
+
+    def ensure_volume(self, voxels: np.ndarray, ijk_to_ras: np.ndarray, compress: bool = False) -> str:
+        """Volume id for (voxels [k, j, i], 4x4 IJK->RAS), uploading only if the server lacks it.
+
+        `compress` gzips the upload: worth it only where the link is slower than the codec
+        (not on loopback or a LAN). `last_upload_bytes` says what went over the wire.
+        """
+        from medmllm.geometry.wire import encode_volume, volume_sha256
+
+        volume_id = volume_sha256(voxels, ijk_to_ras)
+        self.last_upload_bytes = 0
+        if self._request("HEAD", volume_path(volume_id), ok=(200, 404)).status_code == 200:
+            return volume_id
+        body = encode_volume((voxels, ijk_to_ras))
+        headers = {"Content-Type": "application/octet-stream"}
+        if compress:
+            body = gzip.compress(body, compresslevel=1)
+            headers["Content-Encoding"] = UPLOAD_ENCODING
+        self._request("PUT", volume_path(volume_id), data=body, headers=headers)
+        self.last_upload_bytes = len(body)
+        return volume_id
+
+    def chat(
+        self,
+        volume_id: str,
+        question: Optional[str] = None,
+        session_id: Optional[str] = None,
+        **options: Any,
+    ) -> Iterator[Dict[str, Any]]:
+        """Stream the answer as event dicts (`type` in token/box/mask/report/warning/error/done).
+
+        `session_id` defaults to a new one (read it from the `done` event, or pass your own to
+        be able to cancel before the first event). Options: messages, view, roi, model,
+        max_new_tokens, temperature (see `medmllm.protocol.chat_request`).
+        """
+        body = chat_request(volume_id, question, session_id=session_id or uuid.uuid4().hex, **options)
+        response = self._request(
+            "POST", "/v1/chat", json=body, stream=True, headers={"Accept": "text/event-stream"}
+        )
+        return self._events(response)
+
+    def cancel(self, session_id: str) -> None:
+        self._request("POST", f"/v1/sessions/{session_id}/cancel")
+
+    def result_files(self, result_id: str) -> List[str]:
+        return self._request("GET", results_path(result_id)).json()["files"]
+
+    def download(self, url: str, path: Union[str, Path]) -> Path:
+        """Save a result file (absolute URL or server path like /v1/results/...) atomically."""
+        path = Path(path)
+        response = self._request("GET", url, stream=True)
+        fd, tmp = tempfile.mkstemp(prefix=".download-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in response.iter_content(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, path)
+        except (requests.RequestException, OSError) as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StreamInterrupted(f"download of {url} failed: {exc}") from None
+        return path
+
+    def _url(self, path_or_url: str) -> str:
+        return (
+            urljoin(self.base_url + "/", path_or_url.lstrip("/")) if "://" not in path_or_url else path_or_url
+        )
+
+    def _request(self, method: str, path: str, ok=(200, 201, 204), **kwargs: Any) -> requests.Response:
+        url = self._url(path)
+        try:
+            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.exceptions.ConnectionError as exc:
+            if isinstance(exc, requests.exceptions.ConnectTimeout):
+                raise BackendTimeout(f"no answer from {self.base_url} within {self._connect_s()} s") from None
+            raise ServerUnreachable(f"no server at {self.base_url} — is it running?") from None
+        except requests.exceptions.Timeout:
+            raise BackendTimeout(f"the server at {self.base_url} did not answer in time") from None
+        if response.status_code not in ok:
+            raise _http_error(response)
+        return response
+
+    def _connect_s(self) -> float:
+        return self.timeout[0] if isinstance(self.timeout, tuple) else self.timeout
+
+    def _events(self, response: requests.Response) -> Iterator[Dict[str, Any]]:
+        done = False
+        try:
+            for event in parse_sse(response.iter_content(chunk_size=None)):
+                done = done or event.get("type") == "done"
+                yield event
+        except (requests.exceptions.RequestException, OSError) as exc:
+            raise StreamInterrupted(
+                f"the connection to {self.base_url} was lost mid-answer ({exc})"
+            ) from None
+        finally:
+            response.close()
+        if not done:
+            raise StreamInterrupted(
+                f"the server at {self.base_url} closed the stream before the answer finished"
+            )
+
+
+def _http_error(response: requests.Response) -> BackendError:
+    detail = _detail(response)
+    code = response.status_code
+    if code == 401:
+        return AuthError("the server rejected the token")
+    if code == 413:
+        return VolumeTooLarge(f"the volume is too large for this server: {detail}")
+    if code >= 500:
+        return ServerError(f"the server failed (HTTP {code}): {detail}")
+    return BadRequest(f"the server refused the request (HTTP {code}): {detail}")
+
+
+def _detail(response: requests.Response) -> str:
+    """The server's message: FastAPI's `detail` string, or its validation errors as one line."""
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        return response.text.strip()[:300] or response.reason
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
+    return str(detail)
+
+
+def parse_sse(chunks) -> Iterator[Dict[str, Any]]:
+    """Server-sent events -> dicts, from byte chunks split anywhere (even inside a CR LF pair).
+
+    requests' `iter_lines` can invent an empty line when a CR LF pair straddles two chunks,
+    which would end an event early, so lines are split here. Comment lines (pings) are skipped.
+    """
+    data: List[str] = []
+    kind = "message"
+    for line in _lines(chunks):
+        if not line:
+            if data:
+                yield _event(kind, "\n".join(data))
+            data, kind = [], "message"
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value
+    if data:
+        yield _event(kind, "\n".join(data))
+
+
+def _event(kind: str, data: str) -> Dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise StreamInterrupted(f"the server sent an unreadable {kind!r} event") from None
+    if not isinstance(event, dict):
+        raise StreamInterrupted(f"the server sent an unreadable {kind!r} event")
+    event.setdefault("type", kind)
+    return event
+
+
+def _lines(chunks) -> Iterator[str]:
+    buffer = b""
+    for chunk in chunks:
+        buffer += chunk
+        while True:
+            cut = min((i for i in (buffer.find(b"\r"), buffer.find(b"\n")) if i >= 0), default=-1)
+            if cut < 0 or (buffer[cut : cut + 1] == b"\r" and cut + 1 == len(buffer)):
+                break
+            step = 2 if buffer[cut : cut + 2] == b"\r\n" else 1
+            yield buffer[:cut].decode("utf-8")
+            buffer = buffer[cut + step :]
+    if buffer:
+        yield buffer.rstrip(b"\r").decode("utf-8")

@@ -1,0 +1,270 @@
+"""The FastAPI app: volumes by content hash, chat as a server-sent-event stream, result files.
+
+The engine's blocking generator runs in a worker thread (one question at a time per engine: a GPU
+model is not re-entrant); its events cross into the event loop through an asyncio queue. Closing
+the stream (Stop, client gone) sets the session's cancel flag, which the engine polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+import medmllm
+from medmllm.engines.base import ChatContext, ChatTurn, Engine, ViewState
+from medmllm.protocol import UPLOAD_ENCODING, results_path
+from medmllm.results import ResultWriter, answer_events, roi_to_ijk
+from medmllm.server.auth import BearerAuth
+from medmllm.server.models import ChatRequest, Health, ModelsOut, ResultOut, RoiBox, VolumeOut
+from medmllm.server.sessions import SessionStore
+from medmllm.server.store import ResultStore, StoreError, VolumeStore
+
+log = logging.getLogger("medmllm.server")
+
+GiB = 1 << 30
+DEFAULT_MAX_VOLUME_BYTES = 2 * GiB
+
+
+class ServerState:
+    """Everything the routes share; one per app."""
+
+    def __init__(self, engine: Engine, volumes: VolumeStore, results: ResultStore) -> None:
+        self.engine = engine
+        self.volumes = volumes
+        self.results = results
+        self.sessions = SessionStore()
+        self.engine_lock = threading.Lock()
+        self.prepared: Dict[str, bool] = {}
+
+
+def create_app(
+    engine: Engine,
+    store_dir: Path,
+    token: Optional[str] = None,
+    max_volume_bytes: int = DEFAULT_MAX_VOLUME_BYTES,
+    max_store_bytes: int = 20 * GiB,
+    max_memory_bytes: int = 4 * GiB,
+    max_results: int = 64,
+) -> FastAPI:
+    """Build the app around one engine instance; `token` turns on bearer auth for all but /healthz."""
+    volumes = VolumeStore(Path(store_dir), max_volume_bytes, max_store_bytes, max_memory_bytes)
+    state = ServerState(engine, volumes, ResultStore(Path(store_dir), max_results))
+    app = FastAPI(
+        title="MedMLLMSlicer model server",
+        version=medmllm.__version__,
+        description="Chat with a medical multimodal model about a volume; see docs/api.md.",
+    )
+    app.state.medmllm = state
+    if token:
+        app.add_middleware(BearerAuth, token=token)
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+
+    _volume_routes(app, state)
+    _chat_routes(app, state)
+    _info_routes(app, state, auth=bool(token))
+    return app
+
+
+def _info_routes(app: FastAPI, state: ServerState, auth: bool) -> None:
+    @app.get("/healthz", response_model=Health, summary="Liveness and version handshake (no token needed)")
+    def healthz() -> Health:
+        return Health(
+            server_version=medmllm.__version__,
+            engine=state.engine.name,
+            auth=auth,
+            max_volume_bytes=state.volumes.max_volume_bytes,
+        )
+
+    @app.get("/v1/models", response_model=ModelsOut, summary="Models served, with capabilities and licence")
+    def models() -> Dict[str, Any]:
+        infos = []
+        for m in state.engine.models():
+            caps = dict(vars(m.capabilities), languages=list(m.capabilities.languages))
+            infos.append(dict(vars(m), capabilities=caps))
+        return {"engine": state.engine.name, "models": infos}
+
+
+def _volume_routes(app: FastAPI, state: ServerState) -> None:
+    @app.head("/v1/volumes/{volume_id}", summary="200 if the server already has this volume, else 404")
+    def head_volume(volume_id: str) -> Response:
+        if not state.volumes.has(volume_id):
+            raise StoreError(404, "unknown volume")
+        return Response(status_code=200)
+
+    @app.put(
+        "/v1/volumes/{volume_id}",
+        status_code=201,
+        response_model=VolumeOut,
+        summary=f"Upload a volume in the wire format (optionally Content-Encoding: {UPLOAD_ENCODING})",
+    )
+    async def put_volume(volume_id: str, request: Request) -> Dict[str, Any]:
+        store = state.volumes
+        length = request.headers.get("content-length", "")
+        upload = store.begin(
+            volume_id, request.headers.get("content-encoding"), int(length) if length.isdigit() else None
+        )
+        async for chunk in request.stream():
+            upload.write(chunk)
+        volume = await run_in_threadpool(upload.commit)
+        return {
+            "volume_id": volume_id,
+            "bytes": upload.size,
+            "shape": list(volume.shape),
+            "dtype": str(volume.voxels.dtype),
+        }
+
+
+def _chat_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post(
+        "/v1/chat",
+        summary="Ask a question; the answer streams as server-sent events (token, box, mask, report, "
+        "warning, error, done)",
+    )
+    async def chat(req: ChatRequest) -> EventSourceResponse:
+        served = [m.model for m in state.engine.models()]
+        if req.model and req.model not in served:
+            raise StoreError(
+                400, f"this server runs engine {state.engine.name} with {', '.join(served)}, not {req.model}"
+            )
+        volume = await run_in_threadpool(state.volumes.get, req.volume_id)
+        roi = _roi_to_ijk(req, volume)
+        view = ViewState(req.view.orientation, req.view.index, req.view.window)
+        session = state.sessions.start_turn(req.session_id, req.volume_id)
+        try:
+            messages = _conversation(req, session.messages)
+            result_id = state.results.new()
+            writer = ResultWriter(
+                state.results.folder(result_id),
+                volume,
+                req.volume_id,
+                messages,
+                result_id=result_id,
+                session_id=session.id,
+                url_prefix=results_path(result_id),
+            )
+        except BaseException:
+            state.sessions.end_turn(session, session.messages, "")
+            raise
+        state.results.writers[result_id] = writer
+        ctx = ChatContext(volume, req.volume_id, messages, view, roi, req.max_new_tokens, req.temperature)
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        worker = threading.Thread(
+            target=_run_turn,
+            args=(state, ctx, writer, session, loop, queue),
+            name=f"chat-{session.id}",
+            daemon=True,
+        )
+        worker.start()
+        return EventSourceResponse(
+            _stream(queue, session.cancel), headers={"X-Session-Id": session.id}, ping=10
+        )
+
+    @app.post("/v1/sessions/{session_id}/cancel", summary="Stop the answer in progress in this session")
+    def cancel(session_id: str) -> Dict[str, Any]:
+        session = state.sessions.get(session_id)
+        session.cancel.set()
+        return {"session_id": session_id, "cancelled": session.busy}
+
+    @app.get("/v1/results/{result_id}", response_model=ResultOut, summary="Files of one answer")
+    def result(result_id: str) -> Dict[str, Any]:
+        _flush(state, result_id)
+        return {"result_id": result_id, "files": state.results.files(result_id)}
+
+    @app.get("/v1/results/{result_id}/{name}", summary="One result file, e.g. segmentation.seg.nrrd")
+    async def result_file(result_id: str, name: str) -> FileResponse:
+        await run_in_threadpool(_flush, state, result_id)
+        return FileResponse(state.results.file(result_id, name), filename=name)
+
+
+def _flush(state: ServerState, result_id: str) -> None:
+    """Make an answer's files current: while it streams, write the masks so far (so a mask URL
+    works at once); once it is done, wait for the final files being written in the background."""
+    state.results.folder(result_id)
+    writer = state.results.writers.get(result_id)
+    if writer is None:
+        return
+    if writer.answered:
+        writer.finished.wait(120)
+    else:
+        writer.write_segmentation()
+
+
+def _conversation(req: ChatRequest, history: List[ChatTurn]) -> List[ChatTurn]:
+    turns = [ChatTurn(m.role, m.content) for m in req.messages] if req.messages else list(history)
+    if req.question:
+        turns.append(ChatTurn("user", req.question))
+    return turns
+
+
+def _roi_to_ijk(req: ChatRequest, volume):
+    if req.roi is None:
+        return None
+    roi = req.roi.model_dump() if isinstance(req.roi, RoiBox) else req.roi
+    try:
+        return roi_to_ijk(roi, volume)
+    except ValueError as exc:
+        raise StoreError(400, f"bad ROI: {exc}") from None
+
+
+def _run_turn(state: ServerState, ctx: ChatContext, writer: ResultWriter, session, loop, queue) -> None:
+    """Worker thread: engine events -> queue; then record the turn and write the result files."""
+    started = time.perf_counter()
+
+    def emit(event: Dict[str, Any]) -> None:
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    try:
+        while not state.engine_lock.acquire(timeout=0.1):
+            if session.cancel.is_set():
+                break
+        else:
+            try:
+                _run_locked(state, ctx, writer, session, emit, started)
+            finally:
+                state.engine_lock.release()
+        if session.cancel.is_set() and not writer.events:
+            total = time.perf_counter() - started
+            emit(writer.done({"first_event_s": total, "total_s": total, "tokens": 0}, True))
+    finally:
+        state.sessions.end_turn(session, ctx.messages, writer.answer)
+        try:
+            writer.write_files()
+        except Exception:
+            log.exception("writing the result files of %s failed", writer.result_id)
+        state.results.writers.pop(writer.result_id, None)
+
+
+def _run_locked(
+    state: ServerState, ctx: ChatContext, writer: ResultWriter, session, emit, started: float
+) -> None:
+    prepare = ctx.volume_id not in state.prepared
+    for event in answer_events(state.engine, ctx, writer, session.cancel, prepare=prepare, started=started):
+        if prepare and event["type"] != "error":
+            state.prepared[ctx.volume_id] = True
+        emit(event)
+
+
+async def _stream(queue: asyncio.Queue, cancel: threading.Event):
+    """Queue -> SSE; leaving early (client gone, server shutdown) cancels the engine."""
+    try:
+        while True:
+            event = await queue.get()
+            yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+            if event["type"] == "done":
+                return
+    finally:
+        cancel.set()

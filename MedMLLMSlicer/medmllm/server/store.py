@@ -1,0 +1,238 @@
+"""Content-addressed volume store and per-answer result folders, both on disk under one root.
+
+Volumes are kept as the exact wire bytes (`<sha256>.vol`), so a restart keeps them and the id is
+re-verifiable; a bounded in-memory cache holds the decoded arrays, which are views on the
+received bytes (no copies). An upload is hashed and buffered as it arrives; only once the hash
+and the volume check pass is it cached and written to disk (temporary file, then rename) by a
+background thread, so the client does not wait for the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from medmllm.protocol import UPLOAD_ENCODING, is_volume_id
+
+log = logging.getLogger("medmllm.server")
+
+
+class StoreError(Exception):
+    """A request the store refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _decode_volume(data: bytes, max_bytes: int):
+    """Wire bytes -> validated Volume (geometry imported lazily: this module loads before it)."""
+    from medmllm.geometry.volume import Volume
+    from medmllm.geometry.wire import decode_volume
+
+    voxels, ijk_to_ras = decode_volume(data, max_bytes)
+    voxels.setflags(write=False)  # shared by every question about this volume: engines must not edit it
+    return Volume.from_array(voxels, ijk_to_ras)
+
+
+class Upload:
+    """One PUT in progress: decompress, bound, hash and buffer the body chunk by chunk."""
+
+    def __init__(
+        self, store: VolumeStore, volume_id: str, encoding: Optional[str], length: Optional[int]
+    ) -> None:
+        self.store = store
+        self.volume_id = volume_id
+        self.size = 0
+        self._hash = hashlib.sha256()
+        self._inflate = None
+        if encoding and encoding.lower() not in ("identity", UPLOAD_ENCODING):
+            raise StoreError(415, f"unsupported Content-Encoding {encoding!r}; use {UPLOAD_ENCODING} or none")
+        if encoding and encoding.lower() == UPLOAD_ENCODING:
+            self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        preallocate = length if self._inflate is None and length is not None else 0
+        if preallocate > store.max_volume_bytes:
+            self._too_large()
+        self._buffer = bytearray(preallocate)
+
+    def write(self, chunk: bytes) -> None:
+        if self._inflate is None:
+            self._take(chunk)
+            return
+        try:
+            room = self.store.max_volume_bytes - self.size + 1
+            data = self._inflate.decompress(chunk, room)
+        except zlib.error as exc:
+            raise StoreError(400, f"the upload is not valid {UPLOAD_ENCODING} data ({exc})") from None
+        self._take(data)
+        if self._inflate.unconsumed_tail:
+            self._too_large()
+
+    def _take(self, data: bytes) -> None:
+        end = self.size + len(data)
+        if end > self.store.max_volume_bytes:
+            self._too_large()
+        self._hash.update(data)
+        if end <= len(self._buffer):
+            self._buffer[self.size : end] = data
+        else:
+            self._buffer[self.size :] = data
+        self.size = end
+
+    def _too_large(self) -> None:
+        limit = self.store.max_volume_bytes
+        raise StoreError(413, f"volume larger than this server's limit of {limit} bytes")
+
+    def commit(self):
+        """Verify the hash and the volume, cache it and persist it; returns the Volume."""
+        if self._inflate is not None and not self._inflate.eof:
+            raise StoreError(400, f"the {UPLOAD_ENCODING} upload is truncated")
+        if self.size != len(self._buffer):
+            raise StoreError(
+                400, f"upload truncated: {self.size} of {len(self._buffer)} announced bytes arrived"
+            )
+        digest = self._hash.hexdigest()
+        if digest != self.volume_id:
+            raise StoreError(400, f"upload corrupted: its sha256 is {digest}, not the volume id in the URL")
+        try:
+            volume = _decode_volume(self._buffer, self.store.max_volume_bytes)
+        except ValueError as exc:
+            raise StoreError(422, f"not a usable volume: {exc}") from None
+        self.store.remember(self.volume_id, volume)
+        threading.Thread(target=self.store.persist, args=(self.volume_id, self._buffer), daemon=True).start()
+        return volume
+
+
+class VolumeStore:
+    """Volumes by sha256 on disk (LRU bound in bytes) with a bounded memory cache."""
+
+    def __init__(self, root: Path, max_volume_bytes: int, max_disk_bytes: int, max_memory_bytes: int) -> None:
+        self.dir = Path(root) / "volumes"
+        self.tmp_dir = Path(root) / "tmp"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.tmp_dir.glob("*.part"):
+            stale.unlink(missing_ok=True)
+        self.max_volume_bytes = max_volume_bytes
+        self.max_disk_bytes = max_disk_bytes
+        self.max_memory_bytes = max_memory_bytes
+        self._cache: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def path(self, volume_id: str) -> Path:
+        if not is_volume_id(volume_id):
+            raise StoreError(400, "a volume id is the sha256 of the upload: 64 lowercase hex digits")
+        return self.dir / f"{volume_id}.vol"
+
+    def has(self, volume_id: str) -> bool:
+        path = self.path(volume_id)
+        with self._lock:
+            return volume_id in self._cache or path.is_file()
+
+    def begin(self, volume_id: str, encoding: Optional[str], length: Optional[int] = None) -> Upload:
+        self.path(volume_id)
+        return Upload(self, volume_id, encoding, length)
+
+    def persist(self, volume_id: str, data: bytearray) -> None:
+        """Write verified wire bytes to `<id>.vol` (temporary file in the store, then rename)."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{volume_id[:12]}-", suffix=".part", dir=self.tmp_dir)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, self.path(volume_id))
+            self.enforce_disk_bound()
+        except OSError:
+            log.exception("store: could not write volume %s to disk; it stays in memory only", volume_id[:12])
+
+    def get(self, volume_id: str):
+        """The decoded Volume, from memory or disk; StoreError(404) if unknown."""
+        path = self.path(volume_id)
+        with self._lock:
+            if volume_id in self._cache:
+                self._cache.move_to_end(volume_id)
+                return self._cache[volume_id]
+        if not path.is_file():
+            raise StoreError(404, "unknown volume: upload it first (PUT /v1/volumes/{sha256})")
+        os.utime(path)
+        try:
+            volume = _decode_volume(path.read_bytes(), self.max_volume_bytes)
+        except ValueError as exc:
+            path.unlink(missing_ok=True)
+            raise StoreError(404, f"stored volume was unreadable and has been removed ({exc})") from None
+        self.remember(volume_id, volume)
+        return volume
+
+    def remember(self, volume_id: str, volume) -> None:
+        with self._lock:
+            self._cache[volume_id] = volume
+            self._cache.move_to_end(volume_id)
+            while len(self._cache) > 1 and self.memory_bytes() > self.max_memory_bytes:
+                self._cache.popitem(last=False)
+
+    def memory_bytes(self) -> int:
+        return sum(v.voxels.nbytes for v in self._cache.values())
+
+    def enforce_disk_bound(self) -> None:
+        """Delete least recently used volumes until the folder fits (the newest always stays)."""
+        files = sorted(self.dir.glob("*.vol"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for old in files[:-1]:
+            if total <= self.max_disk_bytes:
+                break
+            total -= old.stat().st_size
+            old.unlink(missing_ok=True)
+            with self._lock:
+                self._cache.pop(old.stem, None)
+            log.info("store: evicted volume %s (disk bound)", old.stem[:12])
+
+
+class ResultStore:
+    """One folder per answer (`results/<id>/`), keeping the newest `max_results`."""
+
+    def __init__(self, root: Path, max_results: int = 64) -> None:
+        self.dir = Path(root) / "results"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_results = max_results
+        self.writers: Dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def new(self) -> str:
+        result_id = uuid.uuid4().hex
+        (self.dir / result_id).mkdir()
+        self._prune()
+        return result_id
+
+    def folder(self, result_id: str) -> Path:
+        folder = self.dir / result_id
+        if (
+            not (len(result_id) == 32 and all(c in "0123456789abcdef" for c in result_id))
+            or not folder.is_dir()
+        ):
+            raise StoreError(404, "unknown result id")
+        return folder
+
+    def files(self, result_id: str) -> List[str]:
+        folder = self.folder(result_id)
+        return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def file(self, result_id: str, name: str) -> Path:
+        folder = self.folder(result_id)
+        if name not in self.files(result_id):
+            raise StoreError(404, f"no file {name!r} in this result")
+        return folder / name
+
+    def _prune(self) -> None:
+        folders = sorted((p for p in self.dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        for old in folders[: max(0, len(folders) - self.max_results)]:
+            with self._lock:
+                self.writers.pop(old.name, None)
+            shutil.rmtree(old, ignore_errors=True)
