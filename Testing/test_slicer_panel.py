@@ -66,7 +66,7 @@ def test_answer_lands_in_scene_with_links(panel, fake_slicer, live_server):  # n
     assert np.allclose(segment.ijk_to_ras, ijk_to_ras)
     report = fake_slicer.mrmlScene.GetNodeByID(panel.scene.node.GetNodeReferenceID("MedMLLMSlicer.Report"))
     assert "scripted findings" in report.GetText()
-    assert "medmllm:item/1/0" in panel.view.toHtml()
+    assert wait_until(lambda: "medmllm:item/1/0" in panel.view.toHtml(), 2), "links rendered in the chat"
     from PySide6 import QtCore
 
     panel._link_clicked(QtCore.QUrl("medmllm:item/1/0"))
