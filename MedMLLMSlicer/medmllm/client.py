@@ -90,17 +90,18 @@ class MedMLLMClient:
         `compress` gzips the upload: worth it only where the link is slower than the codec
         (not on loopback or a LAN). `last_upload_bytes` says what went over the wire.
         """
-        from medmllm.geometry.wire import encode_volume, volume_sha256
+        from medmllm.geometry.wire import encode_volume_parts, volume_sha256
 
         volume_id = volume_sha256(voxels, ijk_to_ras)
         self.last_upload_bytes = 0
         if self._request("HEAD", volume_path(volume_id), ok=(200, 404)).status_code == 200:
             return volume_id
-        body = encode_volume((voxels, ijk_to_ras))
+        parts = encode_volume_parts((voxels, ijk_to_ras))
         headers = {"Content-Type": "application/octet-stream"}
         if compress:
-            body = gzip.compress(body, compresslevel=1)
+            parts = (gzip.compress(b"".join(parts), compresslevel=1),)
             headers["Content-Encoding"] = UPLOAD_ENCODING
+        body = _BodyReader(parts)
         self._request("PUT", volume_path(volume_id), data=body, headers=headers)
         self.last_upload_bytes = len(body)
         return volume_id
@@ -258,3 +259,25 @@ def _lines(chunks) -> Iterator[str]:
             buffer = buffer[cut + step :]
     if buffer:
         yield buffer.rstrip(b"\r").decode("utf-8")
+
+
+class _BodyReader:
+    """Byte strings/views sent as one request body without joining them: a 157 MB volume is
+    streamed from the array itself instead of first being copied into one `bytes`."""
+
+    def __init__(self, parts: Tuple[Union[bytes, memoryview], ...]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._size = sum(p.nbytes for p in self._parts)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._parts:
+            return b""
+        head = self._parts[0]
+        n = head.nbytes if size is None or size < 0 else min(size, head.nbytes)
+        chunk, self._parts[0] = head[:n], head[n:]
+        if not self._parts[0].nbytes:
+            self._parts.pop(0)
+        return chunk.tobytes()

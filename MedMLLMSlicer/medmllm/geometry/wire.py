@@ -62,17 +62,23 @@ def _parts(volume: Any) -> Tuple[np.ndarray, Any]:
     return _little_endian(np.asarray(voxels)), matrix
 
 
+def encode_volume_parts(volume: Union[Any, Tuple[np.ndarray, Any]]) -> Tuple[bytes, memoryview]:
+    """(header line, voxel bytes as a view): the upload body without copying the array."""
+    voxels, matrix = _parts(volume)
+    return _header(voxels, matrix), memoryview(voxels.reshape(-1).view(np.uint8))
+
+
 def encode_volume(volume: Union[Any, Tuple[np.ndarray, Any]]) -> bytes:
     """Header line + raw voxel bytes, for a `Volume` or a `(voxels [k, j, i], ijk_to_ras)` tuple."""
-    voxels, matrix = _parts(volume)
-    return _header(voxels, matrix) + voxels.tobytes(order="C")
+    header, payload = encode_volume_parts(volume)
+    return header + payload.tobytes()
 
 
 def volume_sha256(voxels: np.ndarray, ijk_to_ras: Any) -> str:
     """sha256 hex of `encode_volume((voxels, ijk_to_ras))`, hashing the array in place (no copy)."""
-    body, matrix = _parts((voxels, ijk_to_ras))
-    digest = hashlib.sha256(_header(body, matrix))
-    digest.update(memoryview(body.reshape(-1).view(np.uint8)))
+    header, payload = encode_volume_parts((voxels, ijk_to_ras))
+    digest = hashlib.sha256(header)
+    digest.update(payload)
     return digest.hexdigest()
 
 
