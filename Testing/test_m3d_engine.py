@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -398,3 +399,21 @@ def test_models_and_missing_model_option(engine):
     assert info.capabilities.boxes and info.capabilities.masks and info.capabilities.region_input
     with pytest.raises(EngineError, match="--model"):
         create_engine("m3d", EngineOptions())
+
+
+def test_ask_cli_takes_the_official_demo_npy(tiny_folder, tmp_path, capsys):
+    from medmllm.cli import main
+
+    array = np.zeros((1, 32, 256, 256), np.float32)
+    array[0, 8:24, 64:192, 64:192] = 1.0
+    np.save(tmp_path / "example_00.npy", array)
+    out = tmp_path / "out"
+    argv = ["ask", str(tmp_path / "example_00.npy"), "Where is liver in this image? Please output the box."]
+    argv += ["--engine", "m3d", "--model", tiny_folder, "--device", "cpu", "--max-new-tokens", "6"]
+    assert main([*argv, "--option", "seed=3", "--out", str(out)]) == 0
+    chat = json.loads((out / "chat.json").read_text(encoding="utf-8"))
+    assert chat["events"][-1]["type"] == "done"
+    assert main([*argv, "--option", "seed", "--out", str(out)]) == 2
+    assert "--option expects KEY=VALUE" in capsys.readouterr().err
+    assert main(["ask", str(tmp_path / "example_00.npy"), "hi", "--out", str(out)]) == 2
+    assert "use it with --engine m3d" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""`python -m medmllm.cli`: the same as the `medmllm` console script (used by the Slicer module's local backend)."""
+"""`python -m medmllm.cli`: the `medmllm` console script, for the Slicer module's local backend."""
 
 import sys
 

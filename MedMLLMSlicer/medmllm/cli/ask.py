@@ -87,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     from medmllm.geometry.volume import Volume, VolumeError
 
     _check_args(args)
+    if args.volume.suffix.lower() == ".npy":
+        return _ask_demo_npy(args)
     try:
         volume = Volume.from_file(args.volume)
     except VolumeError as exc:
@@ -100,11 +102,32 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _ask_engine(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]], roi) -> bool:
+def _ask_demo_npy(args: argparse.Namespace) -> int:
+    """M3D-LaMed's official demo input: a (1, 32, 256, 256) array in [0, 1], used as is."""
+    if args.engine != "m3d" or args.server:
+        raise UsageError("a .npy input is M3D-LaMed's demo format: use it with --engine m3d (in process)")
+    from medmllm.engines.base import EngineError
+    from medmllm.engines.m3d import load_demo_npy
+
+    try:
+        volume, grid = load_demo_npy(args.volume)
+    except (EngineError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    engine = engine_from_args(args)
+    engine.prepare(volume, volume.sha256(), grid=grid)
+    args.out.mkdir(parents=True, exist_ok=True)
+    ok = _ask_engine(args, volume, ("axial", None), parse_roi(args.roi), engine=engine)
+    print(f"\nresults in {args.out}/", file=sys.stderr)
+    return 0 if ok else 1
+
+
+def _ask_engine(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]], roi, engine=None) -> bool:
+    """`engine` given means it is already prepared for this volume."""
     from medmllm.engines.base import ChatContext, ChatTurn, ViewState
     from medmllm.results import ResultWriter, answer_events, roi_to_ijk
 
-    engine = engine_from_args(args)
+    prepared = engine is not None
+    engine = engine or engine_from_args(args)
     try:
         box = roi_to_ijk(roi, volume) if roi else None
     except ValueError as exc:
@@ -117,7 +140,7 @@ def _ask_engine(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]
     writer = ResultWriter(args.out, volume, volume_id, messages)
     cancel = threading.Event()
     try:
-        ok = _print_events(answer_events(engine, ctx, writer, cancel))
+        ok = _print_events(answer_events(engine, ctx, writer, cancel, prepare=not prepared))
     finally:
         cancel.set()
         engine.close()

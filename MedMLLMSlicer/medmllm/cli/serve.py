@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from medmllm.cli import UsageError
 from medmllm.engines.base import EngineError, EngineOptions
@@ -49,6 +49,23 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dialect", help="grounding dialect of the model (e.g. internvl, qwen25vl, medgemma)")
     p.add_argument("--device", help="torch device, e.g. cuda or cpu")
     p.add_argument("--dtype", help="torch dtype, e.g. bfloat16")
+    p.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine-specific option, repeatable (e.g. llama=/path, segmenter=none, max_images=4)",
+    )
+
+
+def _engine_extra(pairs: List[str]) -> Dict[str, str]:
+    extra: Dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--option expects KEY=VALUE; got {pair!r}")
+        extra[key.strip()] = value
+    return extra
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -61,6 +78,7 @@ def engine_from_args(args: argparse.Namespace):
         dialect=args.dialect,
         device=args.device,
         dtype=args.dtype,
+        extra=_engine_extra(args.option),
     )
     try:
         return create_engine(args.engine, options)
