@@ -18,7 +18,9 @@ _NOT_ENGINES = {"base", "registry"}
 
 def engine_names() -> List[str]:
     return sorted(
-        m.name for m in pkgutil.iter_modules(_pkg.__path__) if m.name not in _NOT_ENGINES and not m.name.startswith("_")
+        m.name
+        for m in pkgutil.iter_modules(_pkg.__path__)
+        if m.name not in _NOT_ENGINES and not m.name.startswith("_")
     )
 
 
