@@ -31,22 +31,62 @@ def test_urls_are_normalised_or_rejected(backends):
     assert not backends.is_loopback("http://10.0.0.2:9")
 
 
-def test_probe_sentences_against_a_real_server(backends, serve):
+def test_handshake_sentences_against_a_real_server(backends, serve):
     open_server = serve()
-    assert backends.probe(open_server.url, None).startswith("connected: engine scripted, models: scripted-1")
+    assert backends.handshake(open_server.url, None)[1].startswith(
+        "connected: engine scripted, models: scripted-1"
+    )
     locked = serve(token="s3cret")
-    assert "rejected the token" in backends.probe(locked.url, "wrong")
-    assert backends.probe(locked.url, "s3cret").startswith("connected")
-    assert "no server at" in backends.probe(f"http://127.0.0.1:{backends.free_port()}", None)
-    assert "enter the server URL" in backends.probe("  ", None)
+    assert "rejected the token" in backends.handshake(locked.url, "wrong")[1]
+    assert backends.handshake(locked.url, "s3cret")[1].startswith("connected")
+    assert "no server at" in backends.handshake(f"http://127.0.0.1:{backends.free_port()}", None)[1]
+    assert "enter the server URL" in backends.handshake("  ", None)[1]
 
 
-def test_probe_refuses_a_server_of_another_api_version(backends, monkeypatch):
+def test_handshake_refuses_a_server_of_another_api_version(backends, serve, monkeypatch):
     import medmllm.protocol
 
-    monkeypatch.setattr(medmllm.protocol, "API_VERSION", "999")
-    assert "API version" in backends._connected_sentence({"api_version": "1"}, {"models": []})
-    assert "not a MedMLLM server" in backends._connected_sentence({"status": "ok"}, {})
+    server = serve()
+    assert backends.handshake(server.url, None)[0] is True
+    monkeypatch.setattr(medmllm.protocol, "API_VERSION", "999")  # this module now speaks 999
+    ok, sentence = backends.handshake(server.url, None)
+    assert not ok and sentence == (
+        "the server speaks API version 1, this module 999: update the older of the two"
+    )
+
+
+def test_handshake_sentences_for_what_is_not_a_medmllm_server(backends, monkeypatch):
+    class Answer:
+        def __init__(self, status, body):
+            self.status_code, self._body = status, body
+
+        def json(self):
+            if self._body is None:
+                raise ValueError("not JSON")
+            return self._body
+
+    pages = {"/healthz": Answer(200, {"status": "ok"}), "/v1/models": Answer(200, None)}
+    monkeypatch.setattr(backends.requests, "get", lambda url, **kw: pages[url[len("http://h:1") :]])
+    not_ours = "something answers there, but it is not a MedMLLM server"
+    assert backends.handshake("h:1", None) == (False, not_ours)
+    pages["/healthz"] = Answer(200, None)  # an HTML page, say
+    assert "not a MedMLLM server" in backends.handshake("h:1", None)[1]
+    pages["/healthz"] = Answer(502, None)
+    assert "proxy" in backends.handshake("h:1", None)[1]
+
+
+def test_local_server_command_runs_the_cli_module(backends):
+    import os
+
+    server = backends.LocalServer("builtin", ["--store", "/tmp/x"])
+    server.token = "-starts-with-a-dash"  # token_urlsafe can do that; argparse would choke on it
+    command = server.command()
+    assert command[1:4] == ["-m", "medmllm.cli", "serve"] and command[-2:] == ["--store", "/tmp/x"]
+    assert all(server.token not in part for part in command), "the token stays out of `ps`"
+    env = server.environment()
+    assert env["MEDMLLM_TOKEN"] == server.token
+    bundle = env["PYTHONPATH"].split(os.pathsep)[0]
+    assert os.path.isfile(os.path.join(bundle, "medmllm", "cli", "__main__.py"))
 
 
 def test_local_server_starts_answers_and_stops(backends, tmp_path):
@@ -55,8 +95,8 @@ def test_local_server_starts_answers_and_stops(backends, tmp_path):
     try:
         url = server.wait_ready(60)
         assert url == f"http://127.0.0.1:{server.port}"
-        assert backends.probe(url, server.token).startswith("connected: engine builtin")
-        assert "rejected the token" in backends.probe(url, "not-the-token")
+        assert backends.handshake(url, server.token)[1].startswith("connected: engine builtin")
+        assert "rejected the token" in backends.handshake(url, "not-the-token")[1]
     finally:
         server.stop()
     assert not server.running

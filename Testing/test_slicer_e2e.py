@@ -5,6 +5,8 @@ land in the fake scene at the right RAS places; plus the module's own Slicer sel
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,16 +65,55 @@ def test_panel_with_local_builtin_server(module, fake_slicer, tmp_path):  # noqa
         assert wait_until(lambda: panel.job is None, 60)
         assert panel.conversation.turns[-2].text.startswith("[about region 'Left lung']")
         assert "left lung" in panel.conversation.turns[-1].text.lower()
-        panel.input.setPlainText("and the right lung?")
-        wait_until(lambda: not panel._dirty, 2)
         shot = Path(os.environ.get(SCREENSHOT_ENV) or tmp_path / "chat-panel.png")
-        shot.parent.mkdir(parents=True, exist_ok=True)
-        assert panel.widget.grab().save(str(shot))
+        _screenshot_mid_answer(panel, shot)
+        assert panel.conversation.turns[-1].status == "done"
+        segments = {i.label for i in panel.conversation.turns[-1].items if i.kind == "mask"}
+        assert segments == {"Right lung", "Left lung (2)"}, "Slicer's names; the earlier left lung kept"
         server = panel.server
     finally:
         panel.cleanup()
     assert not server.running, "cleanup stops the local server"
     assert all(server.token not in line for line in server.log), "the token is never logged"
+
+
+class _HeldStream:
+    """The real server's answer, replayed with a pause halfway through its words: the built-in engine
+    answers in milliseconds, too fast to photograph an answer while it streams."""
+
+    def __init__(self, client):
+        self.client, self.halfway, self.release = client, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def chat(self, volume_id, **request):
+        events = list(self.client.chat(volume_id, **request))
+        tokens = [n for n, e in enumerate(events) if e["type"] == "token"]
+        for n, event in enumerate(events):
+            if n == tokens[len(tokens) // 2]:
+                self.halfway.set()
+                self.release.wait(30)
+            yield event
+            time.sleep(0.01)
+
+
+def _screenshot_mid_answer(panel, shot: Path) -> None:
+    real_factory = panel.client_factory
+    held = []
+    panel.client_factory = lambda url, token: held.append(_HeldStream(real_factory(url, token))) or held[-1]
+    panel.select_roi(None)
+    panel.input.setPlainText("segment the lungs")
+    panel.send()
+    assert wait_until(lambda: held and held[0].halfway.is_set(), 60)
+    wait_until(lambda: False, 0.3)  # let the streamed words render
+    assert panel.stop_button.isEnabled() and "Answering" in panel.status_label.text()
+    panel.input.setPlainText("which one is larger?")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    assert panel.widget.grab().save(str(shot))
+    held[0].release.set()
+    assert wait_until(lambda: panel.job is None, 60)
+    panel.client_factory = real_factory
 
 
 def test_slicer_self_test_runs_under_the_fakes(module):

@@ -53,3 +53,26 @@ def test_scene_events_reach_observers(fake_slicer):  # noqa: F811
     scene.RemoveObserver(tag)
     scene.RemoveNode(scene.AddNewNodeByClass("vtkMRMLTextNode", "u"))
     assert seen == ["NodeRemovedEvent"]
+
+
+def test_fake_parameter_node_wrapper_stores_nodes_as_slicer_does(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.parameters import ChatParameters, chat_parameters
+
+    assert "parameterNodeWrapper" in mrml.MANIFEST["modules"]["slicer.parameterNodeWrapper"]["exports"]
+    params = chat_parameters()
+    node = params.parameterNode
+    assert node.GetSingletonTag() == "MedMLLMSlicer" and node.GetAttribute("ModuleName") == "MedMLLMSlicer"
+    assert chat_parameters().parameterNode is node, "one parameter node per scene"
+    assert all(node.HasParameter(name) for name in ("volume", "roi", "conversation"))
+    text = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", "chat")
+    params.conversation = text
+    assert (
+        node.GetNodeReferenceID("conversation") == text.GetID() and ChatParameters(node).conversation is text
+    )
+    with pytest.raises(TypeError, match="must be of type"):
+        params.volume = text
+    with pytest.raises(TypeError, match="only MRML node parameters"):
+
+        @fake_slicer.parameterNodeWrapper.parameterNodeWrapper
+        class Numbers:
+            threshold: float

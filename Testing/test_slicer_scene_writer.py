@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import phantom_ct
-from medmllm.io.segnrrd import Segment, write_seg_nrrd
 from slicer_fakes.fixtures import add_phantom, fake_slicer  # noqa: F401
 
 
@@ -52,28 +51,77 @@ def test_folder_goes_under_the_volume_study(fake_slicer):  # noqa: F811
     assert sh.GetItemParent(folder) == study
 
 
-def test_masks_append_and_never_overwrite_user_segments(writer, fake_slicer, tmp_path):  # noqa: F811
+def _mask_event(label, mask, ijk_to_ras, segment=0):
+    return {
+        "type": "mask",
+        "label": label,
+        "segment": segment,
+        "url": "/v1/results/r/segmentation.seg.nrrd",
+        "mask": mask.view(np.uint8),
+        "mask_ijk_to_ras": ijk_to_ras,
+    }
+
+
+def test_masks_append_and_never_overwrite_user_segments(writer, fake_slicer):  # noqa: F811
     _sw, volume, conv = writer
     voxels, ijk_to_ras = phantom_ct()
     bone = voxels > 300
-    path = write_seg_nrrd(tmp_path / "a.seg.nrrd", [Segment("bone", bone, (0.9, 0.9, 0.8))], ijk_to_ras)
-    first = conv.add_masks({"type": "mask", "label": "bone", "path": str(path), "segment": 0, "url": "u1"}, 0)
-    seg_node = fake_slicer.mrmlScene.GetNodeByID(first[0].node_id)
+    first = conv.add_mask(_mask_event("bone", bone, ijk_to_ras))
+    seg_node = fake_slicer.mrmlScene.GetNodeByID(first.node_id)
     segmentation = seg_node.GetSegmentation()
-    user_segment = segmentation.GetSegment(first[0].segment_id)
+    user_segment = segmentation.GetSegment(first.segment_id)
     user_segment.mask[:] = False  # the user erased it in Segment Editor
-    second = conv.add_masks(
-        {"type": "mask", "label": "bone", "path": str(path), "segment": 0, "url": "u2"}, 1
-    )
-    assert [i.label for i in first + second] == ["bone", "bone (2)"]
+    second = conv.add_mask(_mask_event("bones", bone, ijk_to_ras))
+    assert [first.label, second.label] == ["Bone", "Bone (2)"]
     assert segmentation.GetNumberOfSegments() == 2
-    assert not segmentation.GetSegment(first[0].segment_id).mask.any(), "user's edit must survive"
-    assert (segmentation.GetSegment(second[0].segment_id).mask == bone).all()
+    assert not segmentation.GetSegment(first.segment_id).mask.any(), "user's edit must survive"
+    assert (segmentation.GetSegment(second.segment_id).mask == bone).all()
+    assert np.allclose(segmentation.GetSegment(second.segment_id).ijk_to_ras, ijk_to_ras)
     assert seg_node.GetNodeReferenceID("referenceImageGeometryRef") == volume.GetID()
     assert fake_slicer.mrmlScene.undo_points == 2
-    assert len(fake_slicer.mrmlScene.nodes("vtkMRMLSegmentationNode")) == 1, "temporary node removed"
-    again = conv.add_masks({"type": "mask", "label": "bone", "path": str(path), "segment": 0, "url": "u2"}, 2)
-    assert again == [], "the same segment of the same answer is imported once"
+    assert len(fake_slicer.mrmlScene.nodes("vtkMRMLSegmentationNode")) == 1
+
+
+def test_segments_take_slicer_terminology_or_keep_the_phrase(writer, fake_slicer):  # noqa: F811
+    _sw, _volume, conv = writer
+    voxels, ijk_to_ras = phantom_ct()
+    mask = voxels > 300
+    labels = ["Left lung", "lung, right", "bone", "the body outline", "sella turcica", "odd thing"]
+    items = [conv.add_mask(_mask_event(label, mask, ijk_to_ras)) for label in labels]
+    segmentation = fake_slicer.mrmlScene.GetNodeByID(items[0].node_id).GetSegmentation()
+    segments = [segmentation.GetSegment(item.segment_id) for item in items]
+    assert [s.GetName() for s in segments] == [
+        "Left lung", "Right lung", "Bone", "Body", "sella turcica", "odd thing"
+    ]  # fmt: skip
+    assert segments[0].GetTerminology() == (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "~SCT^39607008^Lung~SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^"
+    )
+    assert "~SCT^39607008^Lung~SCT^24028007^Right~" in segments[1].GetTerminology()
+    assert "~SCT^85756007^Tissue~SCT^272673000^Bone~^^~" in segments[2].GetTerminology()
+    assert "~SCT^39937001^Skin~" in segments[3].GetTerminology()
+    assert segments[0].GetColor() == pytest.approx((197 / 255, 165 / 255, 145 / 255))
+    assert segments[2].GetColor() == pytest.approx((241 / 255, 214 / 255, 145 / 255))
+    for unknown in segments[4:]:
+        assert unknown.GetTerminology() == ""
+    colors = [tuple(round(c, 3) for c in s.GetColor()) for s in segments]
+    assert len(set(colors[4:]) | set(colors[:4])) == 5, "unknown phrases get colours of their own"
+    tags = [[""] for _ in segments]
+    assert all(s.GetTag("MedMLLMSlicer.Label", t) for s, t in zip(segments, tags))
+    assert [t[0] for t in tags] == labels, "the model's own phrase is kept"
+
+
+def test_mask_on_another_grid_is_refused(writer, fake_slicer):  # noqa: F811
+    sw, _volume, conv = writer
+    voxels, ijk_to_ras = phantom_ct()
+    with pytest.raises(sw.SceneError, match="does not fit the volume"):
+        conv.add_mask(_mask_event("bone", voxels[1:] > 300, ijk_to_ras))
+    shifted = ijk_to_ras.copy()
+    shifted[0, 3] += 5.0
+    with pytest.raises(sw.SceneError, match="does not fit the volume"):
+        conv.add_mask(_mask_event("bone", voxels > 300, shifted))
+    with pytest.raises(sw.SceneError, match="could not be read"):
+        conv.add_mask({"type": "mask", "label": "x"})
 
 
 def test_report_and_conversation_survive_in_scene(writer, fake_slicer):  # noqa: F811
@@ -110,7 +158,7 @@ def test_volume_deleted_or_scene_closed_refuses_results(writer, fake_slicer):  #
         conv.set_report("x")
 
 
-def test_focus_centres_slice_views_and_selects(writer, fake_slicer, tmp_path):  # noqa: F811
+def test_focus_centres_slice_views_and_selects(writer, fake_slicer):  # noqa: F811
     sw, _volume, conv = writer
     box = conv.add_box(_box_event(center=(10.0, -5.0, 2.5)), 0)
     assert sw.focus(box).startswith("centred on bone block")
@@ -118,8 +166,7 @@ def test_focus_centres_slice_views_and_selects(writer, fake_slicer, tmp_path):  
         assert view.jumps[-1] == (10.0, -5.0, 2.5)
     assert fake_slicer.mrmlScene.GetNodeByID(box.node_id).GetSelected() == 1
     voxels, ijk_to_ras = phantom_ct()
-    path = write_seg_nrrd(tmp_path / "b.seg.nrrd", [Segment("bone", voxels > 300, (1, 1, 1))], ijk_to_ras)
-    mask = conv.add_masks({"type": "mask", "label": "bone", "path": str(path), "segment": 0}, 1)[0]
+    mask = conv.add_mask(_mask_event("bone", voxels > 300, ijk_to_ras))
     sw.focus(mask)
     centre_ijk = np.array([(10 + 17) / 2, (12 + 19) / 2, (5 + 14) / 2, 1.0])
     expected = (ijk_to_ras @ centre_ijk)[:3]
@@ -141,8 +188,6 @@ def test_bad_inputs_give_sentences(fake_slicer):  # noqa: F811
     conv = sw.ConversationScene.create(volume)
     with pytest.raises(sw.SceneError, match="without an ROI"):
         conv.add_box({"type": "box", "label": "x"}, 0)
-    with pytest.raises(sw.SceneError, match="could not be downloaded"):
-        conv.add_masks({"type": "mask", "label": "x"}, 0)
 
 
 def test_roi_request_and_volume_arrays(fake_slicer):  # noqa: F811
@@ -150,8 +195,9 @@ def test_roi_request_and_volume_arrays(fake_slicer):  # noqa: F811
 
     voxels, ijk_to_ras = phantom_ct()
     volume = add_phantom(fake_slicer, voxels, ijk_to_ras)
-    copy, matrix = sw.volume_arrays(volume)
-    assert np.array_equal(copy, voxels) and copy is not voxels and np.allclose(matrix, ijk_to_ras)
+    view, matrix = sw.volume_arrays(volume)
+    assert view is fake_slicer.util.arrayFromVolume(volume), "no copy on the main thread"
+    assert np.allclose(matrix, ijk_to_ras)
     roi = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "region")
     roi.SetCenter(1.0, 2.0, 3.0)
     roi.SetSize(4.0, 5.0, 6.0)

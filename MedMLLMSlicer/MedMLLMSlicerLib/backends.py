@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import os
 import secrets
 import socket
 import subprocess
 import sys
 import threading
 import time
-from typing import Any, Deque, List, Optional
+from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import requests
 
-_RUN_CLI = "import sys; from medmllm.cli import main; sys.exit(main())"
 # import name -> pip requirement, with the floors of pyproject's `server` extra and a ceiling
+# (pynrrd: the server writes the answers' .seg.nrrd with it, and Slicer does not bundle it)
 SERVER_PACKAGES = {
+    "nrrd": "pynrrd>=1.0,<2",
     "fastapi": "fastapi>=0.110,<1",
     "uvicorn": "uvicorn>=0.27,<1",
     "sse_starlette": "sse-starlette>=2.0,<4",
@@ -71,39 +73,47 @@ def is_loopback(url: str) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def probe(base_url: str, token: Optional[str], timeout: float = 5.0) -> str:
-    """Test connection: one sentence saying whether the server is reachable and accepts the token."""
+def handshake(base_url: str, token: Optional[str], timeout: float = 5.0) -> Tuple[bool, str]:
+    """Test connection: (usable, a sentence saying whether the server is reachable, speaks our API
+    version and accepts the token), from two small requests."""
     try:
         url = normalize_url(base_url)
     except ValueError as exc:
-        return str(exc)
+        return False, str(exc)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         health = requests.get(url + "/healthz", timeout=timeout)
         if health.status_code != 200:
-            return describe_status(health.status_code)
+            return False, describe_status(health.status_code)
         models = requests.get(url + "/v1/models", headers=headers, timeout=timeout)
     except requests.exceptions.ConnectionError:
-        return f"no server at {url}: is it running, and is the port right?"
+        return False, f"no server at {url}: is it running, and is the port right?"
     except requests.exceptions.Timeout:
-        return f"{url} did not answer within {timeout:g} s"
+        return False, f"{url} did not answer within {timeout:g} s"
     if models.status_code != 200:
-        return describe_status(models.status_code)
-    return _connected_sentence(health.json(), models.json())
+        return False, describe_status(models.status_code)
+    return _connected(_json(health), _json(models))
 
 
-def _connected_sentence(health: Any, models: Any) -> str:
+def _json(response: requests.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _connected(health: Any, models: Any) -> Tuple[bool, str]:
     from medmllm.protocol import API_VERSION
 
     if not isinstance(health, dict) or "api_version" not in health:
-        return "something answers there, but it is not a MedMLLM server"
+        return False, "something answers there, but it is not a MedMLLM server"
     if str(health["api_version"]) != API_VERSION:
-        return (
+        return False, (
             f"the server speaks API version {health['api_version']}, this module {API_VERSION}: "
             "update the older of the two"
         )
     names = [m.get("model", "?") for m in models.get("models", [])] if isinstance(models, dict) else []
-    return f"connected: engine {health.get('engine', '?')}, models: {', '.join(names) or 'none'}"
+    return True, f"connected: engine {health.get('engine', '?')}, models: {', '.join(names) or 'none'}"
 
 
 def missing_server_packages() -> List[str]:
@@ -139,11 +149,22 @@ class LocalServer:
         return self._process is not None and self._process.poll() is None
 
     def command(self) -> List[str]:
-        """`medmllm serve` run by this Python (`-c`, because `medmllm.cli` has no `__main__`)."""
+        """`medmllm serve` run by this Python (Slicer's, where `medmllm` is bundled with the module);
+        the token goes in the environment (`environment()`), out of other users' process lists."""
         return [
-            sys.executable, "-c", _RUN_CLI, "serve", "--engine", self.engine,
-            "--host", "127.0.0.1", "--port", str(self.port), "--token", self.token, *self.options,
+            sys.executable, "-m", "medmllm.cli", "serve", "--engine", self.engine,
+            "--host", "127.0.0.1", "--port", str(self.port), *self.options,
         ]  # fmt: skip
+
+    def environment(self) -> Dict[str, str]:
+        """This environment with the bundled `medmllm` importable (Slicer adds the module's folder to
+        its own `sys.path` only, so a child Python would not find it otherwise) and the token."""
+        import medmllm
+        from medmllm.cli.serve import TOKEN_ENV
+
+        bundle = os.path.dirname(os.path.dirname(os.path.abspath(medmllm.__file__)))
+        paths = [bundle, *[p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]]
+        return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), TOKEN_ENV: self.token}
 
     def start(self) -> None:
         """Launch the process (returns at once); call `wait_ready` on a worker thread."""
@@ -151,8 +172,9 @@ class LocalServer:
             return
         self.port = free_port()
         self._process = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        )
+            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env=self.environment(),
+        )  # fmt: skip
         threading.Thread(target=self._read_output, args=(self._process,), daemon=True).start()
 
     def _read_output(self, process: subprocess.Popen) -> None:

@@ -16,6 +16,7 @@ import slicer
 
 from MedMLLMSlicerLib import backends, scene_writer
 from MedMLLMSlicerLib.conversation import Conversation, Item, Turn, parse_link, render_html
+from MedMLLMSlicerLib.parameters import ChatParameters, chat_parameters
 from MedMLLMSlicerLib.qtutil import prop
 from MedMLLMSlicerLib.settings import DIALECTS, Settings
 from MedMLLMSlicerLib.worker import ChatJob, Dispatcher
@@ -94,6 +95,7 @@ class ChatPanel:
         self, parent: Any = None, client_factory: Optional[Callable[[str, Optional[str]], Any]] = None
     ) -> None:
         self.client_factory = client_factory or _default_client_factory
+        self.params: ChatParameters = chat_parameters()
         self.settings = Settings()
         self.dispatcher = Dispatcher()
         self.server: Optional[backends.LocalServer] = None
@@ -102,6 +104,7 @@ class ChatPanel:
         self.scene: Optional[scene_writer.ConversationScene] = None
         self.models: List[Dict[str, Any]] = []
         self._consented: set = set()
+        self._checked: set = set()  # servers that passed the version handshake
         self._pending: Optional[Callable[[], None]] = None
         self._dirty = False
         self._observers: List[int] = []
@@ -185,7 +188,7 @@ class ChatPanel:
         self.connection_label = qt.QLabel("")
         self.connection_label.setWordWrap(True)
         form.addRow(self.connection_label)
-        self.install_banner = _Banner("Install", self.install_server_packages, self._dismissed)
+        self.install_banner = _Banner("Install", self.install_packages, self._dismissed)
         form.addRow(self.install_banner.frame)
         self.log_view = qt.QPlainTextEdit()
         self.log_view.setReadOnly(True)
@@ -206,6 +209,7 @@ class ChatPanel:
         form.addRow("Volume:", self.volume_combo)
         self.roi_combo = qt.QComboBox()
         self.roi_combo.setToolTip("Ask about region: the question goes out with this ROI")
+        self.roi_combo.currentIndexChanged.connect(lambda *_: setattr(self.params, "roi", self._roi_node()))
         form.addRow("Ask about region:", self.roi_combo)
         layout.addLayout(form)
 
@@ -283,12 +287,11 @@ class ChatPanel:
         self._dirty = True
 
     def refresh_nodes(self) -> None:
-        """Refill the volume and ROI selectors from the scene, keeping the current choices."""
-        for combo, class_name, none_text in (
-            (self.volume_combo, "vtkMRMLScalarVolumeNode", None),
-            (self.roi_combo, "vtkMRMLMarkupsROINode", "(whole volume)"),
+        """Refill the volume and ROI selectors from the scene; the choices come from the parameter node."""
+        for combo, class_name, none_text, chosen in (
+            (self.volume_combo, "vtkMRMLScalarVolumeNode", None, self.params.volume),
+            (self.roi_combo, "vtkMRMLMarkupsROINode", "(whole volume)", self.params.roi),
         ):
-            current = combo.itemData(prop(combo, "currentIndex")) if prop(combo, "count") else None
             nodes = [
                 n for n in slicer.util.getNodesByClass(class_name) if not n.IsA("vtkMRMLLabelMapVolumeNode")
             ]
@@ -298,9 +301,9 @@ class ChatPanel:
                 combo.addItem(none_text, "")
             for node in nodes:
                 combo.addItem(node.GetName(), node.GetID())
-            index = max(0, combo.findData(current)) if current else 0
-            combo.setCurrentIndex(index)
+            combo.setCurrentIndex(max(0, combo.findData(chosen.GetID())) if chosen is not None else 0)
             combo.blockSignals(False)
+        self.params.roi = self._roi_node()
         self._volume_changed()
 
     def volume_node(self) -> Any:
@@ -319,7 +322,10 @@ class ChatPanel:
 
     def _volume_changed(self) -> None:
         volume = self.volume_node()
-        if self.job is not None or volume is None:
+        if self.job is not None:
+            return
+        self.params.volume = volume
+        if volume is None:
             return
         if (
             self.scene is not None
@@ -327,7 +333,18 @@ class ChatPanel:
             and self.scene.volume.GetID() == volume.GetID()
         ):
             return
-        self.scene = scene_writer.ConversationScene.latest(volume)
+        self._show_scene(self._stored_conversation(volume))
+
+    def _stored_conversation(self, volume: Any) -> Optional[scene_writer.ConversationScene]:
+        """The parameter node's conversation if it is about `volume`, else the volume's latest one."""
+        node = self.params.conversation
+        if node is not None and node.GetNodeReferenceID(scene_writer.REF_VOLUME) == volume.GetID():
+            return scene_writer.ConversationScene(node)
+        return scene_writer.ConversationScene.latest(volume)
+
+    def _show_scene(self, conv_scene: Optional[scene_writer.ConversationScene]) -> None:
+        self.scene = conv_scene
+        self.params.conversation = conv_scene.node if conv_scene is not None else None
         self.conversation = Conversation()
         if self.scene is not None:
             try:
@@ -419,8 +436,8 @@ class ChatPanel:
             self.server = None
             self.set_status("Local server stopped")
 
-    def install_server_packages(self) -> None:
-        """Install the server's packages, only because the user pressed Install on the banner."""
+    def install_packages(self) -> None:
+        """Install the local server's packages, only because the user pressed Install on the banner."""
         self.install_banner.hide()
         slicer.util.pip_install(backends.missing_server_packages())
         self.set_status("Packages installed; press Send again")
@@ -444,11 +461,19 @@ class ChatPanel:
             return
         self.connection_label.setText("Testing…")
         url, token = target
-        self.dispatcher.submit(lambda: backends.probe(url, token), self._connection_result)
+        self.dispatcher.submit(
+            lambda: backends.handshake(url, token),
+            lambda result, error: self._connection_result(url, result, error),
+        )
 
-    def _connection_result(self, sentence: Optional[str], error: Optional[BaseException]) -> None:
-        self.connection_label.setText(sentence or f"Test failed: {error}")
-        if sentence and sentence.startswith("connected"):
+    def _connection_result(self, url: str, result: Optional[tuple], error: Optional[BaseException]) -> None:
+        if result is None:
+            self.connection_label.setText(f"Test failed: {error}")
+            return
+        ok, sentence = result
+        self.connection_label.setText(sentence)
+        if ok:
+            self._checked.add(url)
             self.fetch_models()
 
     def fetch_models(self) -> None:
@@ -534,7 +559,7 @@ class ChatPanel:
             )
             self._pending = self.send
             return
-        self._start_job(question, volume, self.client_factory(url, token))
+        self._start_job(question, volume, self.client_factory(url, token), url)
 
     def confirm_remote(self) -> None:
         url = backends.normalize_url(str(prop(self.url_combo, "currentText")))
@@ -544,9 +569,9 @@ class ChatPanel:
         if pending is not None:
             pending()
 
-    def _start_job(self, question: str, volume: Any, client: Any) -> None:
+    def _start_job(self, question: str, volume: Any, client: Any, url: str) -> None:
         try:
-            voxels, ijk_to_ras = scene_writer.volume_arrays(volume)
+            _voxels, ijk_to_ras = scene_writer.volume_arrays(volume)
             roi_node = self._roi_node()
             roi = scene_writer.roi_request(roi_node) if roi_node is not None else None
         except scene_writer.SceneError as exc:
@@ -554,6 +579,7 @@ class ChatPanel:
             return
         if self.scene is None or self.scene.volume is None or self.scene.volume.GetID() != volume.GetID():
             self.scene = scene_writer.ConversationScene.create(volume)
+            self.params.conversation = self.scene.node
             self.conversation = Conversation()
         prefix = f"[about region '{roi_node.GetName()}'] " if roi_node is not None else ""
         self.conversation.turns.append(Turn("user", prefix + question))
@@ -566,16 +592,25 @@ class ChatPanel:
         if model:
             request["model"] = model
         self.input.setPlainText("")
+        handshake = None if url in self._checked else (lambda: self._handshake(client, url))
         self.job = ChatJob(
-            self.dispatcher, client, voxels, ijk_to_ras, request, slicer.util.tempDirectory(),
-            self._on_event, self._on_end,
+            self.dispatcher, client, lambda: slicer.util.arrayFromVolume(volume), ijk_to_ras, request,
+            slicer.util.tempDirectory(), self._on_event, self._on_end, handshake,
         )  # fmt: skip
-        self._answer_items = 0
         self._started = time.perf_counter()
         self._set_busy(True)
         self.set_status("Sending the volume (only if the server does not have it yet)…", busy=True)
         self._dirty = True
         self.job.start()
+
+    def _handshake(self, client: Any, url: str) -> None:
+        """On the worker, before the first Send to `url`: the client raises a sentence on an API
+        version mismatch; success is remembered (on the main thread) so later Sends skip it."""
+        try:
+            client.health()
+        except ValueError:
+            raise ConnectionError(f"something answers at {url}, but it is not a MedMLLM server") from None
+        self.dispatcher.post(self._checked.add, url)
 
     @property
     def answer(self) -> Turn:
@@ -591,7 +626,8 @@ class ChatPanel:
             return
         if notice:
             self.conversation.turns.insert(-1, Turn("notice", notice))
-        self.set_status(f"Answering… ({len(self.answer.items)} findings)", busy=True)
+        found = len(self.answer.items)
+        self.set_status(f"Answering… ({found} findings)" if found else "Answering…", busy=True)
         self._dirty = True
 
     def _on_end(self, job: ChatJob, error: Optional[str]) -> None:
@@ -635,9 +671,7 @@ class ChatPanel:
 
     def new_conversation(self) -> None:
         self.stop()
-        self.scene = None
-        self.conversation = Conversation()
-        self._dirty = True
+        self._show_scene(None)
         self.set_status("New conversation: the next question starts it")
 
     def _link_clicked(self, url: Any) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import slicer
 
+from MedMLLMSlicerLib import terminology
 from MedMLLMSlicerLib.conversation import Conversation, Item, Turn
 
 ROLE = "MedMLLMSlicer.Role"
@@ -29,8 +30,8 @@ class SceneError(Exception):
 
 
 def volume_arrays(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """A copy of the voxels ([k, j, i]) and the 4x4 IJK->RAS: the worker must not hold VTK memory
-    that the user can delete while the question is in flight."""
+    """The voxels ([k, j, i]) as Slicer's live view into VTK memory (no copy: the panel copies it
+    in slices, see `worker.VolumeSnapshot`) and the 4x4 IJK->RAS matrix."""
     if volume_node is None:
         raise SceneError("select a volume first")
     if volume_node.GetParentTransformNode() is not None:
@@ -38,9 +39,29 @@ def volume_arrays(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
     voxels = slicer.util.arrayFromVolume(volume_node)
     if voxels is None or voxels.ndim != 3:
         raise SceneError("the selected volume has no 3D scalar voxels")
+    return voxels, _ijk_to_ras(volume_node)
+
+
+def _ijk_to_ras(volume_node: Any) -> np.ndarray:
     matrix = slicer.util.vtkMatrixFromArray(np.eye(4))
     volume_node.GetIJKToRASMatrix(matrix)
-    return np.array(voxels, copy=True), slicer.util.arrayFromVTKMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def _check_same_grid(volume_node: Any, label: str, mask: np.ndarray, ijk_to_ras: Any) -> None:
+    """Masks are written on the volume's own grid; anything else means the volume changed meanwhile."""
+    voxels = slicer.util.arrayFromVolume(volume_node)
+    same = (
+        voxels is not None
+        and mask.shape == voxels.shape
+        and ijk_to_ras is not None
+        and np.allclose(np.asarray(ijk_to_ras, dtype=float), _ijk_to_ras(volume_node), atol=1e-4)
+    )
+    if not same:
+        raise SceneError(
+            f"mask '{label}' does not fit the volume's current grid (was the volume changed or "
+            "resampled during the answer?): it was not added"
+        )
 
 
 def roi_request(roi_node: Any) -> Dict[str, List]:
@@ -74,7 +95,6 @@ class ConversationScene:
 
     def __init__(self, node: Any) -> None:
         self.node = node
-        self._imported: Dict[str, Set[int]] = {}
 
     @classmethod
     def create(cls, volume_node: Any) -> ConversationScene:
@@ -171,62 +191,31 @@ class ConversationScene:
             self._place(node)
         return node
 
-    def add_masks(self, event: Dict[str, Any], index: int) -> List[Item]:
-        """Append the event's segment (its `segment` index in the answer's cumulative `.seg.nrrd`, or
-        else every segment not imported yet) to the conversation's segmentation as new segments."""
+    def add_mask(self, event: Dict[str, Any]) -> Item:
+        """A mask event (voxels already read on a worker thread) as a new segment of the conversation's
+        segmentation: always appended after an undo point, never overwriting a user's segment; name,
+        colour and terminology from Slicer's terminology when the model's phrase matches one."""
+        volume = self._check_alive()
+        raw = str(event.get("label") or "mask")
+        mask = event.get("mask")
+        if mask is None:
+            raise SceneError(f"mask '{raw}' could not be read from the server's file")
+        _check_same_grid(volume, raw, mask, event.get("mask_ijk_to_ras"))
         target = self.segmentation()
-        path = event.get("path")
-        if not path:
-            raise SceneError("the mask could not be downloaded from the server")
-        loaded = slicer.util.loadSegmentation(path)
-        if loaded is None:
-            raise SceneError("Slicer could not read the mask file sent by the server")
-        try:
-            return self._copy_new_segments(loaded.GetSegmentation(), target, event, index)
-        finally:
-            self._remove_temporary(loaded)
-
-    def _copy_new_segments(self, source: Any, target: Any, event: Dict[str, Any], index: int) -> List[Item]:
-        done = self._imported.setdefault(str(event.get("url") or event["path"]), set())
-        wanted = (
-            [event["segment"]]
-            if isinstance(event.get("segment"), int)
-            else range(source.GetNumberOfSegments())
-        )
         segmentation = target.GetSegmentation()
-        items = []
+        count = segmentation.GetNumberOfSegments()
+        term = terminology.lookup(raw)
+        taken = {segmentation.GetNthSegment(i).GetName() for i in range(count)}
+        name = _unique(term.name if term else raw, taken)
+        color = term.color if term else terminology.fallback_color(count)
         slicer.mrmlScene.SaveStateForUndo()
-        for n in wanted:
-            if n in done or not 0 <= n < source.GetNumberOfSegments():
-                continue
-            done.add(n)
-            source_id = source.GetNthSegmentID(n)
-            raw = source.GetSegment(source_id).GetName()
-            taken = {
-                segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())
-            }
-            before = {segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())}
-            segmentation.CopySegmentFromSegmentation(source, source_id, False)
-            new_id = next(
-                segmentation.GetNthSegmentID(i)
-                for i in range(segmentation.GetNumberOfSegments())
-                if segmentation.GetNthSegmentID(i) not in before
-            )
-            segment = segmentation.GetSegment(new_id)
-            segment.SetName(_unique(raw, taken))
-            segment.SetTag(LABEL_TAG, raw)
-            if event.get("color") is not None and str(event.get("label", "")).lower() == raw.lower():
-                segment.SetColor(*self._color(event, index))
-            items.append(Item("mask", segment.GetName(), node_id=target.GetID(), segment_id=new_id))
-        return items
-
-    @staticmethod
-    def _remove_temporary(node: Any) -> None:
-        scene = slicer.mrmlScene
-        for helper in (node.GetDisplayNode(), node.GetStorageNode()):
-            if helper is not None:
-                scene.RemoveNode(helper)
-        scene.RemoveNode(node)
+        segment_id = segmentation.AddEmptySegment("", name, list(color))
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask, target, segment_id, volume)
+        segment = segmentation.GetSegment(segment_id)
+        segment.SetTag(LABEL_TAG, raw)
+        if term is not None:
+            segment.SetTerminology(term.entry)
+        return Item("mask", name, node_id=target.GetID(), segment_id=segment_id)
 
     def set_report(self, markdown: str) -> Any:
         """The answer's report into the conversation's report text node (created on first use)."""
@@ -253,7 +242,7 @@ def apply_event(conversation_scene: ConversationScene, answer: Turn, event: Dict
     elif kind == "box":
         answer.items.append(conversation_scene.add_box(event, len(answer.items)))
     elif kind == "mask":
-        answer.items.extend(conversation_scene.add_masks(event, len(answer.items)))
+        answer.items.append(conversation_scene.add_mask(event))
     elif kind == "report":
         answer.report = str(event.get("markdown", ""))
         conversation_scene.set_report(answer.report)

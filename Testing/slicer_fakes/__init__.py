@@ -10,26 +10,14 @@ from __future__ import annotations
 import sys
 import tempfile
 import types
+import typing
 import unittest
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import numpy as np
 
 from . import mrml
-
-
-def _read_seg_nrrd(path: str) -> List[mrml.vtkSegment]:
-    """Segments of a `.seg.nrrd` in the file's own grid, as Slicer would load them."""
-    from medmllm.io.segnrrd import read_seg_nrrd
-
-    segments, ijk_to_ras = read_seg_nrrd(path)
-    loaded = []
-    for segment in segments:
-        fake = mrml.vtkSegment(segment.name, segment.mask, ijk_to_ras)
-        fake.SetColor(*segment.color)
-        loaded.append(fake)
-    return loaded
 
 
 class _Util(types.ModuleType):
@@ -75,14 +63,22 @@ class _Util(types.ModuleType):
             )
         return node
 
-    def loadSegmentation(
-        self, filename: str, properties: Optional[Dict] = None, returnNode: bool = False
-    ) -> Any:
-        scene = self._slicer.mrmlScene
-        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", Path(filename).name.split(".")[0])
-        for segment in _read_seg_nrrd(filename):
-            node.GetSegmentation().AddSegment(segment)
-        return (True, node) if returnNode else node
+    def updateSegmentBinaryLabelmapFromArray(
+        self,
+        narray: np.ndarray,
+        segmentationNode: mrml.vtkMRMLSegmentationNode,
+        segmentId: str,
+        referenceVolumeNode: Optional[mrml.vtkMRMLVolumeNode] = None,
+    ) -> None:
+        """Deep-copies the voxels (> 0 = inside) onto the reference volume's grid, as Slicer does."""
+        reference = referenceVolumeNode or segmentationNode.GetNodeReference("referenceImageGeometryRef")
+        if reference is None:
+            raise RuntimeError("No reference volume is found in the input segmentationNode")
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        if segment is None:
+            raise RuntimeError(f"no segment {segmentId!r}")
+        segment.mask = np.asarray(narray) > 0
+        segment.ijk_to_ras = reference._ijk_to_ras.copy()
 
     def tempDirectory(
         self, key: str = "__SlicerTemp__", tempDir: Optional[str] = None, includeDateTime: bool = True
@@ -144,6 +140,22 @@ def _scripted_loadable_module(slicer: types.ModuleType) -> types.ModuleType:
             self.moduleName = type(self).__name__[: -len("Logic")]
             self.isSingletonParameterNode = True
 
+        def getParameterNode(self) -> mrml.vtkMRMLScriptedModuleNode:
+            """As Slicer's: the singleton node tagged with the module name, created when missing."""
+            node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node is not None:
+                if node.GetAttribute("ModuleName") != self.moduleName:
+                    node.SetAttribute("ModuleName", self.moduleName)
+                return node
+            return slicer.mrmlScene.AddNode(self.createParameterNode())
+
+        def createParameterNode(self) -> mrml.vtkMRMLScriptedModuleNode:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+            node.SetSingletonTag(self.moduleName)
+            node.SetAttribute("ModuleName", self.moduleName)
+            node.SetName(slicer.mrmlScene.GenerateUniqueName(self.moduleName))
+            return node
+
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message: str, requestedDelay: Any = None, msec: Any = None) -> None:
             pass
@@ -161,6 +173,49 @@ def _scripted_loadable_module(slicer: types.ModuleType) -> types.ModuleType:
     return module
 
 
+def _parameter_node_wrapper() -> types.ModuleType:
+    """`slicer.parameterNodeWrapper` for the one kind of parameter the module uses: MRML nodes.
+
+    Stored as Slicer's NodeSerializer stores them (an empty string parameter marks the parameter as
+    present, the node itself is a node reference of the same name); other types raise TypeError
+    here instead of pretending to work.
+    """
+    module = types.ModuleType("slicer.parameterNodeWrapper")
+
+    def node_property(name: str, kind: type) -> property:
+        def write(self: Any, value: Any) -> None:
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"Value must be of type '{kind}', is type '{type(value)}' value '{value}'")
+            self.parameterNode.SetParameter(name, "")
+            self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+
+        return property(lambda self: self.parameterNode.GetNodeReference(name), write)
+
+    def wrap(cls: type) -> type:
+        hints = typing.get_type_hints(cls)
+        for name, kind in hints.items():
+            if not (isinstance(kind, type) and issubclass(kind, mrml.vtkMRMLNode)):
+                raise TypeError(f"the fake parameterNodeWrapper supports only MRML node parameters ({name})")
+            setattr(cls, name, node_property(name, kind))
+
+        def __init__(self: Any, parameterNode: Any) -> None:
+            self.parameterNode = parameterNode
+            for name in hints:
+                if not parameterNode.HasParameter(name):
+                    parameterNode.SetParameter(name, "")
+                    parameterNode.SetNodeReferenceID(name, None)
+
+        cls.__init__ = __init__
+        cls.allParameters = dict(hints)
+        return cls
+
+    def parameterNodeWrapper(classtype: Optional[type] = None) -> Any:
+        return wrap if classtype is None else wrap(classtype)
+
+    module.parameterNodeWrapper = parameterNodeWrapper
+    return module
+
+
 def install() -> types.ModuleType:
     """Create (or reset) the fake modules; returns the fake `slicer` with a fresh scene."""
     from PySide6 import QtWidgets
@@ -174,6 +229,7 @@ def install() -> types.ModuleType:
         slicer.util = _Util(slicer)
         slicer.util.MRMLNodeNotFoundException = _MRMLNodeNotFoundException
         slicer.ScriptedLoadableModule = _scripted_loadable_module(slicer)
+        slicer.parameterNodeWrapper = _parameter_node_wrapper()
         slicer.modules = types.SimpleNamespace()
         for name in dir(mrml):
             if name.startswith("vtk"):
@@ -183,6 +239,7 @@ def install() -> types.ModuleType:
                 "slicer": slicer,
                 "slicer.util": slicer.util,
                 "slicer.ScriptedLoadableModule": slicer.ScriptedLoadableModule,
+                "slicer.parameterNodeWrapper": slicer.parameterNodeWrapper,
                 "qt": qt,
                 "ctk": ctk,
             }

@@ -130,6 +130,7 @@ class vtkMRMLNode(FakeVTKObject):
         self._scene: Optional[vtkMRMLScene] = None
         self._selected = 0
         self._hide = 0
+        self._singleton: Optional[str] = None
 
     def GetID(self) -> Optional[str]:
         return self._id
@@ -174,6 +175,13 @@ class vtkMRMLNode(FakeVTKObject):
 
     def SetSingletonTag(self, tag: str) -> None:
         self._singleton = tag
+
+    def GetSingletonTag(self) -> Optional[str]:
+        return self._singleton
+
+    def Reset(self, default_node: Any = None) -> None:
+        """What a scene close does to singleton nodes: back to defaults, same ID."""
+        self._attributes, self._references = {}, {}
 
 
 class vtkMRMLDisplayNode(vtkMRMLNode):
@@ -342,6 +350,16 @@ class vtkMRMLScriptedModuleNode(vtkMRMLNode):
     def GetParameter(self, name: str) -> str:
         return self._parameters.get(name, "")
 
+    def HasParameter(self, name: str) -> bool:
+        return name in self._parameters
+
+    def UnsetParameter(self, name: str) -> None:
+        self._parameters.pop(name, None)
+
+    def Reset(self, default_node: Any = None) -> None:
+        super().Reset(default_node)
+        self._parameters = {}
+
 
 class vtkSegment(FakeVTKObject):
     """A segment; the fake keeps its voxels as `mask` ([k, j, i] bool) with `ijk_to_ras`."""
@@ -379,10 +397,11 @@ class vtkSegment(FakeVTKObject):
     def HasTag(self, tag: str) -> bool:
         return tag in self._tags
 
-    def copy(self) -> vtkSegment:
-        clone = vtkSegment(self._name, None if self.mask is None else self.mask.copy(), self.ijk_to_ras)
-        clone._color, clone._tags = self._color, dict(self._tags)
-        return clone
+    def SetTerminology(self, entry: str) -> None:
+        self._tags["TerminologyEntry"] = str(entry)
+
+    def GetTerminology(self) -> str:
+        return self._tags.get("TerminologyEntry", "")
 
 
 class vtkSegmentation(FakeVTKObject):
@@ -425,16 +444,12 @@ class vtkSegmentation(FakeVTKObject):
     def RemoveSegment(self, segment_id: str) -> None:
         self._segments.pop(segment_id, None)
 
-    def CopySegmentFromSegmentation(
-        self, source: vtkSegmentation, segment_id: str, remove_from_source: bool = False
-    ) -> bool:
-        segment = source.GetSegment(segment_id)
-        if segment is None:
-            return False
-        self.AddSegment(segment.copy(), "" if segment_id in self._segments else segment_id)
-        if remove_from_source:
-            source.RemoveSegment(segment_id)
-        return True
+    def AddEmptySegment(self, segment_id: str = "", name: str = "", color: Any = None) -> str:
+        segment = vtkSegment(name or f"Segment_{self.GetNumberOfSegments() + 1}")
+        if color is not None:
+            segment.SetColor(*color)
+        self.AddSegment(segment, segment_id)
+        return self.GetSegmentIdBySegment(segment)
 
 
 class vtkMRMLSegmentationNode(vtkMRMLDisplayableNode):
@@ -632,6 +647,9 @@ class vtkMRMLScene(FakeVTKObject):
     def GetNumberOfNodes(self) -> int:
         return len(self._nodes)
 
+    def GetSingletonNode(self, tag: str, class_name: str) -> Optional[vtkMRMLNode]:
+        return next((n for n in self.nodes(class_name) if n.GetSingletonTag() == tag), None)
+
     def GenerateUniqueName(self, base: str) -> str:
         names = {n.GetName() for n in self._nodes}
         if base not in names:
@@ -648,7 +666,10 @@ class vtkMRMLScene(FakeVTKObject):
         self._closing = True
         self.InvokeEvent(self.StartCloseEvent)
         for node in [n for n in self._nodes if not isinstance(n, vtkMRMLSliceNode)]:
-            self.RemoveNode(node)
+            if node.GetSingletonTag():
+                node.Reset()
+            else:
+                self.RemoveNode(node)
         self._closing = False
         self.InvokeEvent(self.EndCloseEvent)
 
