@@ -136,8 +136,9 @@ def test_greedy_matches_full_recompute_and_transformers_generate(engine):
 
 
 def test_static_cache_path_matches_dynamic(tiny_folder, engine):
+    """The unbatched path (batch_slots 0): each conversation alone on a pooled StaticCache."""
     static = create_engine(
-        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": True})
+        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": True, "batch_slots": 0})
     )
     assert static.decoder.static
     for question in ("Where is the spleen in this image? Please output the box.", "Describe the findings."):
@@ -155,7 +156,7 @@ def test_compiled_static_step_traces_once_without_graph_breaks(tiny_folder, engi
     from torch._dynamo.utils import counters
 
     static = create_engine(
-        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": True})
+        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": True, "batch_slots": 0})
     )
     torch._dynamo.reset()
     counters.clear()

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 MAX_VOXELS = 1 << 30
 TRAINED_CONTEXT = 512  # the official model_max_length
 STATIC_CACHE_LEN = 1024
+BATCH_SLOTS = 8  # conversations decoded together (one KV row each)
 
 
 def load_demo_npy(path: str) -> Tuple[Volume, M3DGrid]:
@@ -59,6 +60,18 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
+def _int_option(extra: Dict[str, Any], key: str, default: int, minimum: int) -> int:
+    """An integer engine option (strings from the command line), with a message naming it."""
+    value = extra.get(key, default)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise EngineError(f"option {key} must be an integer, got {value!r}") from None
+    if number < minimum:
+        raise EngineError(f"option {key} must be >= {minimum}, got {number}")
+    return number
+
+
 @dataclass
 class _VolumeState:
     image: Any  # (1, 1, 32, 256, 256) tensor on the model device
@@ -71,10 +84,13 @@ class M3DEngine(Engine):
     """M3D-LaMed (Phi-3-4B or Llama-2-7B) from the official checkpoint folder, loaded by our own code."""
 
     name = "m3d"
+    # chat() may be called from several threads at once: they are decoded together (batching.py).
+    concurrent_chats = True
 
     def __init__(self, options: EngineOptions, loaded: Optional[Loaded] = None) -> None:
         """`loaded` lets the benchmark hand in a model built in memory; normally the folder is read."""
         super().__init__(options)
+        from medmllm.engines.m3d.batching import Scheduler
         from medmllm.engines.m3d.generation import Decoder
         from medmllm.engines.m3d.loader import load
         from medmllm.grounding.registry import get_dialect
@@ -89,14 +105,37 @@ class M3DEngine(Engine):
         self.max_len = self.config.context_length
         on_cuda = self.model.device.type == "cuda"
         static = _flag(extra.get("static_cache", on_cuda))
-        self.static_len = min(self.max_len, int(extra.get("static_cache_len", STATIC_CACHE_LEN)))
+        self.static_len = min(self.max_len, _int_option(extra, "static_cache_len", STATIC_CACHE_LEN, 1))
         compiled = {"mode": "reduce-overhead"} if on_cuda and _flag(extra.get("compile", True)) else None
         self.decoder = Decoder(self.model, static, compiled, self.static_len)
         self.dynamic = Decoder(self.model, False, None, self.max_len)
+        slots = _int_option(extra, "batch_slots", BATCH_SLOTS, 0)  # 0: no batched decoding
+        if slots:
+            self._check_slot_memory(slots)
+        # The scheduler thread runs every forward; batched steps compile like the batch-1 step.
+        self.scheduler = Scheduler(
+            self.model, self.dynamic, slots, self.static_len, self.loaded.eos_ids, compiled
+        )
+        if compiled and slots:
+            self.scheduler.call(self.scheduler.warm_up)  # compile at start-up, not at a user's question
         self.window = extra.get("window")
-        self.max_volumes = int(extra.get("max_volumes", 4))
+        self.max_volumes = _int_option(extra, "max_volumes", 4, 1)
         self._volumes: OrderedDict[str, _VolumeState] = OrderedDict()
-        self._lock = threading.RLock()  # one forward at a time: steps of concurrent chats interleave
+        self._lock = threading.Lock()  # guards the per-volume states, never held during a forward
+
+    def _check_slot_memory(self, slots: int) -> None:
+        """The batched KV cache is allocated up front; refuse clearly if it cannot fit."""
+        from medmllm.engines.m3d.batching import SlotCache
+        from medmllm.engines.m3d.loader import available_bytes
+
+        needed = SlotCache.nbytes(self.model.lm.config, slots, self.static_len, self.model.dtype)
+        free = available_bytes(str(self.model.device))
+        if needed > free:
+            raise EngineError(
+                f"the batched KV cache ({slots} conversations x {self.static_len} tokens) needs "
+                f"{needed / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free; "
+                "lower the batch_slots or static_cache_len option"
+            )
 
     def models(self) -> List[ModelInfo]:
         family = {"phi3": "Phi-3-4B", "llama": "Llama-2-7B"}[self.config.family]
@@ -117,6 +156,7 @@ class M3DEngine(Engine):
         """Drop per-volume caches and free GPU memory held by the allocator."""
         import torch
 
+        self.scheduler.close()
         with self._lock:
             self._volumes.clear()
         if torch.cuda.is_available():
@@ -129,22 +169,28 @@ class M3DEngine(Engine):
         self._volume_state(volume, volume_id, grid)
 
     def _volume_state(self, volume: Volume, volume_id: str, grid: Optional[M3DGrid] = None) -> _VolumeState:
-        import torch
-
         with self._lock:
             state = self._volumes.get(volume_id)
             if state is not None:
                 self._volumes.move_to_end(volume_id)
                 return state
-            image, grid = self._model_input(volume, grid)
-            with torch.no_grad():
-                tensor = self.model.image_tensor(image)
-                prefix = self.model.prefix_embeds(self.loaded.bos_id, self.model.image_features(tensor))
-                state = _VolumeState(tensor, grid, self.decoder.prefix_cache(prefix))
-            self._volumes[volume_id] = state
+        image, grid = self._model_input(volume, grid)
+        state = self.scheduler.call(self._encode, image, grid)
+        with self._lock:
+            state = self._volumes.setdefault(volume_id, state)
+            self._volumes.move_to_end(volume_id)
             while len(self._volumes) > self.max_volumes:
                 self._volumes.popitem(last=False)
             return state
+
+    def _encode(self, image: np.ndarray, grid: M3DGrid) -> _VolumeState:
+        """Vision tower, projector and prefix prefill (on the decode thread)."""
+        import torch
+
+        with torch.no_grad():
+            tensor = self.model.image_tensor(image)
+            prefix = self.model.prefix_embeds(self.loaded.bos_id, self.model.image_features(tensor))
+            return _VolumeState(tensor, grid, self.dynamic.prefix_cache(prefix))
 
     def _model_input(self, volume: Volume, grid: Optional[M3DGrid]) -> Tuple[np.ndarray, M3DGrid]:
         if volume.voxels.size > MAX_VOXELS:
@@ -197,20 +243,23 @@ class M3DEngine(Engine):
         import torch
 
         extra = self.options.extra or {}
-        max_new = int(extra.get("max_new_tokens", ctx.max_new_tokens))
-        temperature = float(extra.get("temperature", ctx.temperature))
-        top_p = float(extra.get("top_p", 0.9))
-        if max_new < 1 or temperature < 0 or not 0 < top_p <= 1:
+        try:
+            max_new = int(extra.get("max_new_tokens", ctx.max_new_tokens))
+            temperature = float(extra.get("temperature", ctx.temperature))
+            top_p = float(extra.get("top_p", 0.9))
+            seed = int(extra["seed"]) if "seed" in extra else None
+        except (TypeError, ValueError) as exc:
+            raise EngineError(f"bad generation option: {exc}") from None
+        if max_new < 1 or not temperature >= 0 or not 0 < top_p <= 1:
             raise EngineError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
         generator = None
-        if "seed" in extra:
-            generator = torch.Generator(device=self.model.device).manual_seed(int(extra["seed"]))
+        if seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
         return max_new, temperature, top_p, generator
 
     def chat(self, ctx: ChatContext, cancel: threading.Event) -> Iterator[EngineEvent]:
-        import torch
-
-        from medmllm.engines.m3d.generation import IncrementalDetokenizer, pick_token
+        from medmllm.engines.m3d.batching import Request
+        from medmllm.engines.m3d.generation import IncrementalDetokenizer
 
         state = self._volume_state(ctx.volume, ctx.volume_id)
         ids = self.prompt_ids(self.question_text(ctx, state))
@@ -226,38 +275,52 @@ class M3DEngine(Engine):
                 f"the prompt is {len(ids)} tokens, longer than the {TRAINED_CONTEXT} M3D was trained on"
             )
         max_new = min(max_new, self.max_len - len(ids))
-        decoder = self.decoder if len(ids) + max_new <= self.static_len else self.dynamic
+        request = Request(
+            state.prefix,
+            prefix_len,
+            ids[prefix_len:],
+            max_new,
+            temperature,
+            top_p,
+            generator,
+            cancel,
+            frozenset({self.config.seg_token_id}),
+            self._solo_decoder(len(ids) + max_new),
+        )
         detok = IncrementalDetokenizer(self.loaded.tokenizer)
         parser = self.dialect.parser()
         seg_hidden: List[Any] = []
-        with self._lock, torch.no_grad():
-            question = self.model.embed(torch.tensor([ids[prefix_len:]], device=self.model.device))
-            cache, position, step = decoder.start(state.prefix, prefix_len, question)
-        try:
-            for produced in range(1, max_new + 1):
-                if cancel.is_set():
-                    return
-                token = pick_token(step.logits, temperature, top_p, generator)
-                if token in self.loaded.eos_ids:
-                    break
-                if token == self.config.seg_token_id:
-                    seg_hidden.append(step.hidden)
-                text = detok.push(token)
-                if text:
-                    yield TokenOut(text)
-                    yield from self._events(parser.feed(text), state, ctx, seg_hidden)
-                if produced == max_new:
-                    break
-                with self._lock:
-                    step = decoder.step(cache, position, token)
-                position += 1
-        finally:
-            decoder.release(cache)
+        for token, hidden in self.scheduler.submit(request):
+            if cancel.is_set():
+                return
+            if hidden is not None:
+                seg_hidden.append(hidden)
+            text = detok.push(token)
+            if text:
+                yield TokenOut(text)
+                yield from self._events(parser.feed(text), state, ctx, seg_hidden)
+        if cancel.is_set():
+            return
         tail = detok.flush()
         if tail:
             yield TokenOut(tail)
         events = (parser.feed(tail) if tail else []) + parser.finish()
         yield from self._events(events, state, ctx, seg_hidden)
+
+    def _solo_decoder(self, length: int) -> Any:
+        """None (batched) when the answer fits a slot; else the decoder it runs alone on."""
+        if length > self.static_len:
+            return self.dynamic
+        return None if self.scheduler.slots else self.decoder
+
+    def _seg_logits(self, state: _VolumeState, hidden: Any) -> np.ndarray:
+        """SegVol mask logits on the model grid (on the decode thread; the encoder once per volume)."""
+        import torch
+
+        with torch.no_grad():
+            if state.seg_embedding is None:
+                state.seg_embedding = self.model.seg_embedding(state.image)
+            return self.model.seg_logits(state.seg_embedding, hidden).cpu().numpy()
 
     def _events(
         self, events: List[Any], state: _VolumeState, ctx: ChatContext, seg_hidden: List[Any]
@@ -279,19 +342,13 @@ class M3DEngine(Engine):
     def _mask(
         self, label: Optional[str], state: _VolumeState, ctx: ChatContext, seg_hidden: List[Any]
     ) -> Iterator[EngineEvent]:
-        import torch
-
         if not self.config.seg_enabled:
             yield WarningOut("this checkpoint has no segmentation module; [SEG] ignored")
             return
         if not seg_hidden:
             yield WarningOut("the model wrote [SEG] as plain text, not as its [SEG] token; no mask")
             return
-        hidden = seg_hidden.pop(0)
-        with self._lock, torch.no_grad():
-            if state.seg_embedding is None:
-                state.seg_embedding = self.model.seg_embedding(state.image)
-            logits = self.model.seg_logits(state.seg_embedding, hidden).cpu().numpy()
+        logits = self.scheduler.call(self._seg_logits, state, seg_hidden.pop(0))
         mask = state.grid.mask_to_volume(logits, logits=True)
         if mask.shape != ctx.volume.shape:
             raise EngineError("internal: mask shape differs from the volume")

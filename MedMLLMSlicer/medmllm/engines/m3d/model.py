@@ -94,11 +94,23 @@ class LamedModel(nn.Module):
         return torch.cat([bos, features.to(bos.dtype)], dim=1)
 
     def run(
-        self, embeds: torch.Tensor, cache: Optional[Any], positions: Optional[torch.Tensor] = None
+        self,
+        embeds: torch.Tensor,
+        cache: Optional[Any],
+        positions: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Last-layer (final-norm) hidden states for `embeds`, extending `cache` in place."""
+        """Last-layer (final-norm) hidden states for `embeds`, extending `cache` in place.
+
+        `mask`: a ready 4D additive mask (rows, 1, queries, keys), passed through as is; the
+        batched decode uses it to hide each row's padding.
+        """
         out = self.inner(
-            inputs_embeds=embeds, past_key_values=cache, position_ids=positions, use_cache=cache is not None
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=cache is not None,
         )
         return out.last_hidden_state
 
