@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from medmllm.engines._checkpoint import check_tensors
 from medmllm.engines.base import EngineError
 from medmllm.engines.m3d.config import LamedConfig
 
@@ -93,33 +94,6 @@ def checkpoint_shapes(files: List[str]) -> Dict[str, Tuple[Tuple[int, ...], str]
             for name, tensor in _open_bin(path).items():
                 shapes[name] = (tuple(tensor.shape), str(tensor.dtype))
     return shapes
-
-
-def check_names(
-    expected: Dict[str, Tuple[int, ...]], found: Dict[str, Tuple[int, ...]], optional: set
-) -> None:
-    """Strict comparison; the message names the first offending tensors so the user sees what is wrong."""
-    found = {k: v for k, v in found.items() if not k.endswith(_IGNORED_SUFFIXES)}
-    missing = sorted(set(expected) - set(found) - optional)
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s): {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s): {_names(unexpected)}")
-    if wrong:
-        problems.append(
-            "wrong shape: "
-            + "; ".join(f"{k} is {list(found[k])}, expected {list(expected[k])}" for k in wrong[:3])
-        )
-    if problems:
-        raise EngineError("checkpoint does not match M3D-LaMed: " + " | ".join(problems))
-
-
-def _names(names: List[str]) -> str:
-    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-    return ", ".join(names[:5]) + more
 
 
 def expected_shapes(config: LamedConfig) -> Tuple[Dict[str, Tuple[int, ...]], int]:
@@ -266,7 +240,9 @@ def load(folder: str, device: Optional[str] = None, dtype: Optional[str] = None)
     found = checkpoint_shapes(files)
     expected, params = expected_shapes(config)
     tied = bool(config.text.get("tie_word_embeddings", False))
-    check_names(expected, {k: v[0] for k, v in found.items()}, {"lm_head.weight"} if tied else set())
+    shapes = {k: v[0] for k, v in found.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    optional = {"lm_head.weight": expected.pop("lm_head.weight")} if tied else {}
+    check_tensors("checkpoint (M3D-LaMed)", expected, shapes, optional)
     device, torch_dtype = resolve_device(device, dtype)
     check_memory(params, torch_dtype, device)
     with _BUILD_LOCK:

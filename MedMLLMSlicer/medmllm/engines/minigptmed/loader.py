@@ -19,8 +19,9 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+from medmllm.engines._checkpoint import check_tensors, tensor_names
 from medmllm.engines.base import EngineError
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
 
@@ -104,38 +105,14 @@ def read_pth(path: str, what: str) -> Dict[str, Any]:
     return data
 
 
-def _names(names: List[str]) -> str:
-    more = f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-    return ", ".join(names[:5]) + more
-
-
-def check_names(what: str, expected: Shapes, found: Shapes, optional: Shapes) -> None:
-    """Strict name/shape comparison; `optional` tensors may be absent but must fit when present."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected) - set(optional))
-    shapes = {**optional, **expected}
-    wrong = sorted(k for k in set(shapes) & set(found) if tuple(shapes[k]) != tuple(found[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s): {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s): {_names(unexpected)}")
-    if wrong:
-        problems.append(
-            "wrong shape: "
-            + "; ".join(f"{k} is {list(found[k])}, expected {list(shapes[k])}" for k in wrong[:3])
-        )
-    if problems:
-        raise EngineError(f"{what} does not match: " + " | ".join(problems))
-
-
 def _tensors(state: Mapping[str, Any], path: str, what: str) -> Dict[str, Any]:
     import torch
 
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise EngineError(
-            f"{path} holds non-tensor entries ({_names(sorted(map(str, bad)))}); it should be {WHERE[what]}"
+            f"{path} holds non-tensor entries ({tensor_names(sorted(map(str, bad)))}); "
+            f"it should be {WHERE[what]}"
         )
     return dict(state)
 
@@ -166,7 +143,7 @@ def load_eva_state(path: str, config: MiniGPTMedConfig) -> Dict[str, Any]:
     eva_grid = config.eva_image_size // config.patch_size
     if pos is not None and pos == (1, eva_grid * eva_grid + 1, config.vision_width):
         found["pos_embed"] = expected["pos_embed"]
-    check_names(f"EVA-ViT-g checkpoint {path}", expected, found, {})
+    check_tensors(f"EVA-ViT-g checkpoint {path}", expected, found, {})
     state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], config.num_patches)
     return state
 
@@ -208,7 +185,7 @@ def load_minigptmed_state(path: str, config: MiniGPTMedConfig, llama_config: Any
     state = _tensors(data["model"], path, "model")
     required, optional = minigptmed_shapes(config, llama_config)
     found = {k: tuple(v.shape) for k, v in state.items()}
-    check_names(f"MiniGPT-Med checkpoint {path}", required, found, optional)
+    check_tensors(f"MiniGPT-Med checkpoint {path}", required, found, optional)
     return {k: v for k, v in state.items() if not _ROTARY.match(k)}
 
 
@@ -297,7 +274,7 @@ def load_llama(folder: str, torch_dtype: Any, device: str) -> Any:
     ):
         names = sorted(str(n) for n in info.get(key) or [])
         if names:
-            problems.append(f"{label} tensor(s): {_names(names)}")
+            problems.append(f"{label} tensor(s): {tensor_names(names)}")
     if problems:
         raise EngineError(f"LLaMA weights in {folder} do not match its config.json: " + " | ".join(problems))
     return llama.to(device).eval().requires_grad_(False)

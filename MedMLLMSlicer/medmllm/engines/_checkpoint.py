@@ -1,0 +1,40 @@
+"""Strict checkpoint checks shared by the engines that load official weights.
+
+The official loaders use `strict=False` and silently ignore missing tensors; we name them instead,
+so a partial download or another model's file is a sentence, not a model that answers nonsense.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from medmllm.engines.base import EngineError
+
+Shapes = Mapping[str, Sequence[int]]
+
+
+def tensor_names(names: List[str], most: int = 5) -> str:
+    """A short list for an error message: the first few names and how many more."""
+    more = f" (+{len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def check_tensors(what: str, expected: Shapes, found: Shapes, optional: Optional[Shapes] = None) -> None:
+    """Every expected tensor present with its shape; `optional` ones may be absent but must fit."""
+    optional = optional or {}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected) - set(optional))
+    shapes: Dict[str, Tuple[int, ...]] = {k: tuple(v) for k, v in {**optional, **expected}.items()}
+    wrong = sorted(k for k in set(shapes) & set(found) if shapes[k] != tuple(found[k]))
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s): {tensor_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {tensor_names(unexpected)}")
+    if wrong:
+        problems.append(
+            "wrong shape: "
+            + "; ".join(f"{k} is {list(found[k])}, expected {list(shapes[k])}" for k in wrong[:3])
+        )
+    if problems:
+        raise EngineError(f"{what} does not match: " + " | ".join(problems))
