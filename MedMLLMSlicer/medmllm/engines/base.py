@@ -129,6 +129,9 @@ class Engine(ABC):
     """A model backend. Subclasses live in `medmllm/engines/<name>.py` as `ENGINE = Subclass`."""
 
     name: ClassVar[str]
+    # True when `chat` may be called from several threads at once (the engine batches them itself);
+    # otherwise the server admits one question at a time.
+    concurrent_chats: ClassVar[bool] = False
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
