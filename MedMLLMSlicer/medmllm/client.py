@@ -20,7 +20,14 @@ from urllib.parse import urljoin
 import numpy as np
 import requests
 
-from medmllm.protocol import API_VERSION, UPLOAD_ENCODING, chat_request, results_path, volume_path
+from medmllm.protocol import (
+    API_VERSION,
+    ROUTING_HEADER,
+    UPLOAD_ENCODING,
+    chat_request,
+    results_path,
+    volume_path,
+)
 
 Timeout = Union[float, Tuple[float, float]]
 
@@ -51,6 +58,14 @@ class BadRequest(BackendError):
 
 class ServerError(BackendError):
     pass
+
+
+class RateLimited(BackendError):
+    """Too many requests for this token; `retry_after` says in how many seconds to try again."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class StreamInterrupted(BackendError):
@@ -94,10 +109,11 @@ class MedMLLMClient:
 
         volume_id = volume_sha256(voxels, ijk_to_ras)
         self.last_upload_bytes = 0
-        if self._request("HEAD", volume_path(volume_id), ok=(200, 404)).status_code == 200:
+        route = {ROUTING_HEADER: volume_id}
+        if self._request("HEAD", volume_path(volume_id), ok=(200, 404), headers=route).status_code == 200:
             return volume_id
         parts = encode_volume_parts((voxels, ijk_to_ras))
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", **route}
         if compress:
             parts = (gzip.compress(b"".join(parts), compresslevel=1),)
             headers["Content-Encoding"] = UPLOAD_ENCODING
@@ -120,9 +136,8 @@ class MedMLLMClient:
         max_new_tokens, temperature (see `medmllm.protocol.chat_request`).
         """
         body = chat_request(volume_id, question, session_id=session_id or uuid.uuid4().hex, **options)
-        response = self._request(
-            "POST", "/v1/chat", json=body, stream=True, headers={"Accept": "text/event-stream"}
-        )
+        headers = {"Accept": "text/event-stream", ROUTING_HEADER: volume_id}
+        response = self._request("POST", "/v1/chat", json=body, stream=True, headers=headers)
         return self._events(response)
 
     def cancel(self, session_id: str) -> None:
@@ -168,6 +183,9 @@ class MedMLLMClient:
     def _connect_s(self) -> float:
         return self.timeout[0] if isinstance(self.timeout, tuple) else self.timeout
 
+    def _read_s(self) -> float:
+        return self.timeout[1] if isinstance(self.timeout, tuple) else self.timeout
+
     def _events(self, response: requests.Response) -> Iterator[Dict[str, Any]]:
         done = False
         try:
@@ -175,6 +193,10 @@ class MedMLLMClient:
                 done = done or event.get("type") == "done"
                 yield event
         except (requests.exceptions.RequestException, OSError) as exc:
+            if _is_read_timeout(exc):
+                raise StreamInterrupted(
+                    f"the server at {self.base_url} sent nothing for {self._read_s()} s mid-answer"
+                ) from None
             raise StreamInterrupted(
                 f"the connection to {self.base_url} was lost mid-answer ({exc})"
             ) from None
@@ -186,6 +208,15 @@ class MedMLLMClient:
             )
 
 
+def _is_read_timeout(exc: BaseException) -> bool:
+    """requests reports a stalled stream as a ConnectionError wrapping urllib3's ReadTimeoutError."""
+    from urllib3.exceptions import ReadTimeoutError
+
+    return isinstance(exc, requests.exceptions.Timeout) or any(
+        isinstance(arg, ReadTimeoutError) for arg in getattr(exc, "args", ())
+    )
+
+
 def _http_error(response: requests.Response) -> BackendError:
     detail = _detail(response)
     code = response.status_code
@@ -193,6 +224,12 @@ def _http_error(response: requests.Response) -> BackendError:
         return AuthError("the server rejected the token")
     if code == 413:
         return VolumeTooLarge(f"the volume is too large for this server: {detail}")
+    if code == 429:
+        retry = response.headers.get("Retry-After", "")
+        seconds = float(retry) if retry.isdigit() else 1.0
+        return RateLimited(f"the server is rate-limiting this token: {detail}", seconds)
+    if code == 507:
+        return ServerError(f"the server has no disk space left for this volume: {detail}")
     if code >= 500:
         return ServerError(f"the server failed (HTTP {code}): {detail}")
     return BadRequest(f"the server refused the request (HTTP {code}): {detail}")

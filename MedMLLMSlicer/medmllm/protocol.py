@@ -14,6 +14,11 @@ API_VERSION = "1"
 #: Content-Encoding accepted on `PUT /v1/volumes/{id}` (the only codec: cheap to decode everywhere).
 UPLOAD_ENCODING = "gzip"
 
+#: Routing key sent with every request about one volume (its id): Ray Serve's proxy reads this
+#: header, and deploy/ray_serve.py routes by it so a volume stays on the replica that has it cached.
+#: A single `medmllm serve` ignores it.
+ROUTING_HEADER = "serve_multiplexed_model_id"
+
 EVENT_TYPES = ("token", "box", "mask", "report", "warning", "error", "done")
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 

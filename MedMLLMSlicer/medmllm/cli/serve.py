@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Dict, List
+from urllib.parse import urlsplit
 
 from medmllm.cli import UsageError
 from medmllm.engines.base import EngineError, EngineOptions
@@ -37,7 +38,45 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-store-gb", type=float, default=20, help="disk bound of the volume store (GB, LRU)")
     p.add_argument("--max-memory-gb", type=float, default=4, help="volumes kept decoded in memory (GB, LRU)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_exposure_arguments(p)
     p.set_defaults(func=run)
+
+
+def add_exposure_arguments(p: argparse.ArgumentParser) -> None:
+    """Who may call the server and how often, and what is recorded (see docs/security.md)."""
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origin allowed to call the API, e.g. https://viewer.example.org (repeatable; "
+        "default none: CORS closed)",
+    )
+    p.add_argument(
+        "--rate-limit",
+        type=float,
+        default=0,
+        metavar="PER_MINUTE",
+        help="requests per minute per token (per address without a token); 0 = no limit (default)",
+    )
+    p.add_argument("--rate-burst", type=int, default=30, help="requests allowed at once (default 30)")
+    p.add_argument("--audit-log", type=Path, help="append one JSON line per request to this file")
+    p.add_argument(
+        "--audit-questions", action="store_true", help="also write the question text into the audit log"
+    )
+    p.add_argument(
+        "--answer-timeout",
+        type=float,
+        default=300,
+        metavar="SECONDS",
+        help="end an answer whose model sends nothing for this long (default 300)",
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=8,
+        help="largest request body other than a volume upload (MB, default 8)",
+    )
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,7 +125,7 @@ def engine_from_args(args: argparse.Namespace):
         raise UsageError(str(exc)) from None
 
 
-def _limits(args: argparse.Namespace) -> Dict[str, int]:
+def _limits(args: argparse.Namespace) -> Dict[str, Any]:
     values = {"--max-volume-mb": args.max_volume_mb, "--max-store-gb": args.max_store_gb}
     values["--max-memory-gb"] = args.max_memory_gb
     for flag, value in values.items():
@@ -96,6 +135,32 @@ def _limits(args: argparse.Namespace) -> Dict[str, int]:
         "max_volume_bytes": int(args.max_volume_mb * 2**20),
         "max_store_bytes": int(args.max_store_gb * 2**30),
         "max_memory_bytes": int(args.max_memory_gb * 2**30),
+    }
+
+
+def _exposure(args: argparse.Namespace) -> Dict[str, Any]:
+    for origin in args.cors_origin:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+            raise UsageError(
+                f"--cors-origin takes an origin like https://viewer.example.org, not {origin!r} "
+                "(a wildcard would let any web page call the API)"
+            )
+    positive = {"--answer-timeout": args.answer_timeout, "--max-request-mb": args.max_request_mb}
+    positive["--rate-burst"] = args.rate_burst
+    for flag, value in positive.items():
+        if not value > 0:
+            raise UsageError(f"{flag} must be positive")
+    if args.rate_limit < 0:
+        raise UsageError("--rate-limit must be 0 (off) or positive")
+    return {
+        "cors_origins": [o.rstrip("/") for o in args.cors_origin],
+        "rate_limit_per_minute": args.rate_limit,
+        "rate_burst": args.rate_burst,
+        "audit_log": args.audit_log,
+        "audit_questions": args.audit_questions,
+        "answer_timeout_s": args.answer_timeout,
+        "max_request_bytes": int(args.max_request_mb * 2**20),
     }
 
 
@@ -109,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port < 65536:
         raise UsageError(f"--port must be 0..65535, not {args.port}")
     limits = _limits(args)
+    limits.update(_exposure(args))
     try:
         import uvicorn
 
@@ -122,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         app = create_app(engine, args.store, token=args.token, **limits)
     except OSError as exc:
-        raise UsageError(f"cannot use store folder {args.store}: {exc}") from None
+        raise UsageError(f"cannot write the store or the audit log: {exc}") from None
     auth = "token required" if args.token else "no token (loopback only)"
     print(
         f"medmllm serve: engine {args.engine}, http://{args.host}:{args.port}, {auth}, store {args.store}",

@@ -13,37 +13,46 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 import medmllm
 from medmllm.engines.base import ChatContext, ChatTurn, Engine, ViewState
-from medmllm.protocol import UPLOAD_ENCODING, results_path
+from medmllm.protocol import ROUTING_HEADER, UPLOAD_ENCODING, results_path
 from medmllm.results import ResultWriter, answer_events, roi_to_ijk
 from medmllm.server.auth import BearerAuth
+from medmllm.server.guard import AUDIT_SCOPE_KEY, AuditLog, Guard, TokenBucket
 from medmllm.server.models import ChatRequest, Health, ModelsOut, ResultOut, RoiBox, VolumeOut
 from medmllm.server.sessions import SessionStore
 from medmllm.server.store import ResultStore, StoreError, VolumeStore
+from medmllm.server.turns import EngineTurns
 
 log = logging.getLogger("medmllm.server")
 
 GiB = 1 << 30
 DEFAULT_MAX_VOLUME_BYTES = 2 * GiB
+DEFAULT_ANSWER_TIMEOUT_S = 300.0
+#: Worker -> stream marker: the engine has the lock now, so from here on its silence is timed.
+_ENGINE_STARTED = {"type": "_engine_started"}
 
 
 class ServerState:
     """Everything the routes share; one per app."""
 
-    def __init__(self, engine: Engine, volumes: VolumeStore, results: ResultStore) -> None:
+    def __init__(
+        self, engine: Engine, volumes: VolumeStore, results: ResultStore, root: Path, answer_timeout_s: float
+    ) -> None:
         self.engine = engine
         self.volumes = volumes
         self.results = results
-        self.sessions = SessionStore()
-        self.engine_lock = threading.Lock()
+        self.sessions = SessionStore(folder=root / "sessions")
+        self.answer_timeout_s = answer_timeout_s
+        self.engine_turns = EngineTurns()
         self.prepared: Dict[str, bool] = {}
 
 
@@ -55,10 +64,23 @@ def create_app(
     max_store_bytes: int = 20 * GiB,
     max_memory_bytes: int = 4 * GiB,
     max_results: int = 64,
+    cors_origins: Sequence[str] = (),
+    rate_limit_per_minute: float = 0.0,
+    rate_burst: int = 30,
+    audit_log: Optional[Path] = None,
+    audit_questions: bool = False,
+    answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
+    max_request_bytes: int = 8 << 20,
 ) -> FastAPI:
-    """Build the app around one engine instance; `token` turns on bearer auth for all but /healthz."""
+    """Build the app around one engine instance; `token` turns on bearer auth for all but /healthz.
+
+    CORS stays closed unless `cors_origins` names the browser origins allowed; `rate_limit_per_minute`
+    (0 = off) is a token bucket per token (per address without auth); `audit_log` appends one JSON
+    line per request; an answer whose engine stays silent for `answer_timeout_s` ends with an error.
+    """
     volumes = VolumeStore(Path(store_dir), max_volume_bytes, max_store_bytes, max_memory_bytes)
-    state = ServerState(engine, volumes, ResultStore(Path(store_dir), max_results))
+    results = ResultStore(Path(store_dir), max_results)
+    state = ServerState(engine, volumes, results, Path(store_dir), answer_timeout_s)
     app = FastAPI(
         title="MedMLLMSlicer model server",
         version=medmllm.__version__,
@@ -67,6 +89,19 @@ def create_app(
     app.state.medmllm = state
     if token:
         app.add_middleware(BearerAuth, token=token)
+    limiter = TokenBucket(rate_limit_per_minute / 60.0, rate_burst) if rate_limit_per_minute > 0 else None
+    audit = AuditLog(audit_log, audit_questions) if audit_log else None
+    app.add_middleware(
+        Guard, engine=engine.name, token=token, limiter=limiter, audit=audit, max_body_bytes=max_request_bytes
+    )
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "HEAD", "PUT", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Content-Encoding", ROUTING_HEADER],
+            expose_headers=["X-Session-Id", "Retry-After"],
+        )
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
@@ -116,9 +151,13 @@ def _volume_routes(app: FastAPI, state: ServerState) -> None:
         upload = store.begin(
             volume_id, request.headers.get("content-encoding"), int(length) if length.isdigit() else None
         )
-        async for chunk in request.stream():
-            upload.write(chunk)
-        volume = await run_in_threadpool(upload.commit)
+        try:
+            async for chunk in request.stream():
+                upload.write(chunk)
+            volume = await run_in_threadpool(upload.commit)
+        except BaseException:
+            await run_in_threadpool(upload.discard)
+            raise
         return {
             "volume_id": volume_id,
             "bytes": upload.size,
@@ -133,7 +172,8 @@ def _chat_routes(app: FastAPI, state: ServerState) -> None:
         summary="Ask a question; the answer streams as server-sent events (token, box, mask, report, "
         "warning, error, done)",
     )
-    async def chat(req: ChatRequest) -> EventSourceResponse:
+    async def chat(req: ChatRequest, request: Request) -> EventSourceResponse:
+        request.scope.get(AUDIT_SCOPE_KEY, {}).update(volume=req.volume_id, question=req.question)
         served = [m.model for m in state.engine.models()]
         if req.model and req.model not in served:
             raise StoreError(
@@ -170,7 +210,9 @@ def _chat_routes(app: FastAPI, state: ServerState) -> None:
         )
         worker.start()
         return EventSourceResponse(
-            _stream(queue, session.cancel), headers={"X-Session-Id": session.id}, ping=10
+            _stream(queue, session.cancel, writer, state.answer_timeout_s),
+            headers={"X-Session-Id": session.id},
+            ping=10,
         )
 
     @app.post("/v1/sessions/{session_id}/cancel", summary="Stop the answer in progress in this session")
@@ -221,26 +263,38 @@ def _roi_to_ijk(req: ChatRequest, volume):
 
 
 def _run_turn(state: ServerState, ctx: ChatContext, writer: ResultWriter, session, loop, queue) -> None:
-    """Worker thread: engine events -> queue; then record the turn and write the result files."""
+    """Worker thread: engine events -> queue; then record the turn and write the result files.
+
+    The turn is recorded (session no longer busy) *before* `done` is sent, so a follow-up the
+    client sends the moment it sees `done` is not refused as "still answering".
+    """
     started = time.perf_counter()
+    ended: List[bool] = []
+
+    def end_turn() -> None:
+        if not ended:
+            ended.append(True)
+            state.sessions.end_turn(session, ctx.messages, writer.answer)
 
     def emit(event: Dict[str, Any]) -> None:
+        if event["type"] == "done":
+            end_turn()
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
+    turn = state.engine_turns.join()
     try:
-        while not state.engine_lock.acquire(timeout=0.1):
+        while not turn.wait(0.1):
             if session.cancel.is_set():
                 break
         else:
-            try:
-                _run_locked(state, ctx, writer, session, emit, started)
-            finally:
-                state.engine_lock.release()
+            emit(_ENGINE_STARTED)
+            _run_locked(state, ctx, writer, session, emit, started)
         if session.cancel.is_set() and not writer.events:
             total = time.perf_counter() - started
             emit(writer.done({"first_event_s": total, "total_s": total, "tokens": 0}, True))
     finally:
-        state.sessions.end_turn(session, ctx.messages, writer.answer)
+        state.engine_turns.leave(turn)
+        end_turn()
         try:
             writer.write_files()
         except Exception:
@@ -258,13 +312,37 @@ def _run_locked(
         emit(event)
 
 
-async def _stream(queue: asyncio.Queue, cancel: threading.Event):
-    """Queue -> SSE; leaving early (client gone, server shutdown) cancels the engine."""
+async def _stream(queue: asyncio.Queue, cancel: threading.Event, writer: ResultWriter, timeout_s: float):
+    """Queue -> SSE; leaving early (client gone, server shutdown) cancels the engine.
+
+    Waiting for the engine (another question holds it) is not timed; once the engine runs, a
+    silence of `timeout_s` ends the answer with an `error` and `done` and cancels the engine, so a
+    hung model cannot hold a client forever.
+    """
+    started = time.perf_counter()
+    timed = False
     try:
         while True:
-            event = await queue.get()
+            try:
+                event = await asyncio.wait_for(queue.get(), timeout_s if timed else None)
+            except asyncio.TimeoutError:
+                for event in _timed_out(writer, timeout_s, time.perf_counter() - started):
+                    yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
+                return
+            if event is _ENGINE_STARTED:
+                timed = True
+                continue
             yield {"event": event["type"], "data": json.dumps(event, ensure_ascii=False)}
             if event["type"] == "done":
                 return
     finally:
         cancel.set()
+
+
+def _timed_out(writer: ResultWriter, timeout_s: float, total: float) -> List[Dict[str, Any]]:
+    message = (
+        f"the model sent nothing for {timeout_s:g} s and was stopped; try again or simplify the question"
+    )
+    log.warning("answer %s: %s", writer.result_id, message)
+    timings = {"first_event_s": total, "total_s": total, "tokens": 0}
+    return [writer.error(message), writer.done(timings, True)]

@@ -2,16 +2,19 @@
 
 Volumes are kept as the exact wire bytes (`<sha256>.vol`), so a restart keeps them and the id is
 re-verifiable; a bounded in-memory cache holds the decoded arrays, which are views on the
-received bytes (no copies). An upload is hashed and buffered as it arrives; only once the hash
-and the volume check pass is it cached and written to disk (temporary file, then rename) by a
-background thread, so the client does not wait for the disk.
+received bytes (no copies). An upload is hashed and buffered as it arrives, and written to a
+temporary file by a spool thread at the same time; only once the hash and the volume check pass is
+the file renamed into place and the volume cached, before the 201: a 201 means stored, and a full
+disk is a clear 507 with nothing half-written left.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -44,8 +47,76 @@ def _decode_volume(data: bytes, max_bytes: int):
     return Volume.from_array(voxels, ijk_to_ras)
 
 
+def _disk_error(exc: OSError) -> StoreError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreError(507, "the server's disk is full: the volume was not stored")
+    log.error("store: could not write a volume: %s", exc)
+    return StoreError(500, f"the server could not store the volume ({exc.strerror})")
+
+
+class _Spool:
+    """An upload's bytes written to a temporary file by a thread of its own while the body still
+    arrives, so the disk works in parallel with the network and the 201 waits only for the tail.
+    A write error (a full disk) surfaces at the next chunk or at `finish`."""
+
+    def __init__(self, tmp_dir: Path, prefix: str) -> None:
+        try:
+            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=tmp_dir)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+        self.path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: Optional[OSError] = None
+        self._thread = threading.Thread(target=self._run, name="upload-spool", daemon=True)
+        self._thread.start()
+
+    def put(self, chunk: bytes) -> None:
+        self._check()
+        self._chunks.put(chunk)
+
+    def finish(self, target: Path) -> None:
+        """Wait for the last bytes, then rename the file into place."""
+        self._stop()
+        self._check()
+        try:
+            os.replace(self.path, target)
+        except OSError as exc:
+            raise _disk_error(exc) from None
+
+    def discard(self) -> None:
+        self._stop()
+        self.path.unlink(missing_ok=True)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise _disk_error(self._error)
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        chunk = self._chunks.get()
+        while chunk is not None:
+            if self._error is None:
+                try:
+                    self._file.write(chunk)
+                except OSError as exc:
+                    self._error = exc
+            chunk = self._chunks.get()
+        try:
+            self._file.close()
+        except OSError as exc:
+            self._error = self._error or exc
+
+
 class Upload:
-    """One PUT in progress: decompress, bound, hash and buffer the body chunk by chunk."""
+    """One PUT in progress: decompress, bound, hash, buffer and spool the body chunk by chunk.
+
+    The caller must `discard()` an upload that fails (or is abandoned) before `commit()`.
+    """
 
     def __init__(
         self, store: VolumeStore, volume_id: str, encoding: Optional[str], length: Optional[int]
@@ -63,6 +134,7 @@ class Upload:
         if preallocate > store.max_volume_bytes:
             self._too_large()
         self._buffer = bytearray(preallocate)
+        self._spool = _Spool(store.tmp_dir, prefix=f"{volume_id[:12]}-")
 
     def write(self, chunk: bytes) -> None:
         if self._inflate is None:
@@ -86,6 +158,7 @@ class Upload:
             self._buffer[self.size : end] = data
         else:
             self._buffer[self.size :] = data
+        self._spool.put(data)
         self.size = end
 
     def _too_large(self) -> None:
@@ -107,9 +180,16 @@ class Upload:
             volume = _decode_volume(self._buffer, self.store.max_volume_bytes)
         except ValueError as exc:
             raise StoreError(422, f"not a usable volume: {exc}") from None
+        except (TypeError, RecursionError) as exc:  # hostile JSON the header checks did not foresee
+            raise StoreError(422, f"not a usable volume: malformed upload header ({exc})") from None
+        self._spool.finish(self.store.path(self.volume_id))
+        self.store.enforce_disk_bound()
         self.store.remember(self.volume_id, volume)
-        threading.Thread(target=self.store.persist, args=(self.volume_id, self._buffer), daemon=True).start()
         return volume
+
+    def discard(self) -> None:
+        """Remove what was spooled to disk (a failed or abandoned upload leaves nothing behind)."""
+        self._spool.discard()
 
 
 class VolumeStore:
@@ -141,17 +221,6 @@ class VolumeStore:
     def begin(self, volume_id: str, encoding: Optional[str], length: Optional[int] = None) -> Upload:
         self.path(volume_id)
         return Upload(self, volume_id, encoding, length)
-
-    def persist(self, volume_id: str, data: bytearray) -> None:
-        """Write verified wire bytes to `<id>.vol` (temporary file in the store, then rename)."""
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f"{volume_id[:12]}-", suffix=".part", dir=self.tmp_dir)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, self.path(volume_id))
-            self.enforce_disk_bound()
-        except OSError:
-            log.exception("store: could not write volume %s to disk; it stays in memory only", volume_id[:12])
 
     def get(self, volume_id: str):
         """The decoded Volume, from memory or disk; StoreError(404) if unknown."""
@@ -231,8 +300,8 @@ class ResultStore:
         return folder / name
 
     def _prune(self) -> None:
+        """Delete the oldest finished answers past `max_results`; answers still streaming stay."""
         folders = sorted((p for p in self.dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
         for old in folders[: max(0, len(folders) - self.max_results)]:
-            with self._lock:
-                self.writers.pop(old.name, None)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.name not in self.writers:
+                shutil.rmtree(old, ignore_errors=True)
