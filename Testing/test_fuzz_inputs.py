@@ -7,7 +7,6 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -149,39 +148,27 @@ def test_malformed_headers_get_a_wire_error_that_says_why(body, message):
         decode_volume(body, 1 << 20)
 
 
-def test_a_json_box_with_an_overflowing_number_is_not_kept_as_infinity():
+def test_a_json_box_with_an_overflowing_number_is_a_warning_not_infinity():
     """Found by scripts/fuzz: `1e+999` parses to inf in the JSON path of the qwen25vl parser."""
-    from medmllm.grounding.base import BoxFound
     from medmllm.grounding.registry import get_dialect
 
     text = 'here: {"bbox_2d": [1e+999, 114, 1016, 672], "label": "house"}'
-    boxes = [e for e in get_dialect("qwen25vl").parse(text, (1024, 768)).boxes if isinstance(e, BoxFound)]
-    if any(not math.isfinite(v) for box in boxes for v in box.values):
-        pytest.xfail("grounding/_stream.py (_collect) keeps non-finite JSON numbers: to become a warning")
-    assert all(len(box.values) == 4 for box in boxes)
+    result = get_dialect("qwen25vl").parse(text, (1024, 768))
+    assert result.boxes == [] and result.warnings
 
 
-WIRE_BUGS = {
-    "deeply nested header JSON": (b'{"magic":' + b"[" * 2000 + b"]" * 2000 + b"}\n", RecursionError),
+HOSTILE_HEADERS = {
+    "deeply nested header JSON": b'{"magic":' + b"[" * 2000 + b"]" * 2000 + b"}\n",
     "dtype that is a JSON list": (
-        b'{"magic":"medmllm-volume/1","dtype":[1],"shape":[1,1,1],"ijk_to_ras":[]}\n\x01',
-        TypeError,
+        b'{"magic":"medmllm-volume/1","dtype":[1],"shape":[1,1,1],"ijk_to_ras":[]}\n\x01'
     ),
 }
 
 
-@pytest.mark.parametrize("what", sorted(WIRE_BUGS))
+@pytest.mark.parametrize("what", sorted(HOSTILE_HEADERS))
 def test_hostile_headers_found_by_fuzzing_are_wire_errors(what):
-    body, escaped = WIRE_BUGS[what]
-    try:
-        decode_volume(body, 1 << 20)
-    except WireError:
-        return
-    except escaped:
-        pytest.xfail(
-            f"geometry/wire.py raises {escaped.__name__}, not WireError (the server answers 422 anyway)"
-        )
-    pytest.fail("decoded a hostile header")
+    with pytest.raises(WireError):
+        decode_volume(HOSTILE_HEADERS[what], 1 << 20)
 
 
 UPLOAD_LIMIT = 1 << 18

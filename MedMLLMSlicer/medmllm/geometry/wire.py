@@ -90,15 +90,16 @@ def _read_header(data: memoryview) -> Tuple[dict, int]:
         raise WireError(f"upload header too long (no end of header in the first {MAX_HEADER_BYTES} bytes)")
     try:
         header = json.loads(bytes(data[:end]).decode("ascii"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise WireError(f"upload header is not valid JSON: {exc}") from None
-    if not isinstance(header, dict) or header.get("magic") != MAGIC:
-        raise WireError(f"not a medmllm volume upload (bad magic {header.get('magic')!r}, want {MAGIC!r})")
+    magic = header.get("magic") if isinstance(header, dict) else None
+    if magic != MAGIC:
+        raise WireError(f"not a medmllm volume upload (bad magic {magic!r}, want {MAGIC!r})")
     return header, end + 1
 
 
 def _header_geometry(header: dict) -> Tuple[np.dtype, Tuple[int, int, int], np.ndarray]:
-    if header.get("dtype") not in ALLOWED_DTYPES:
+    if not isinstance(header.get("dtype"), str) or header["dtype"] not in ALLOWED_DTYPES:
         raise WireError(f"upload dtype {header.get('dtype')!r} is not one of {sorted(ALLOWED_DTYPES)}")
     shape = header.get("shape")
     if (

@@ -391,7 +391,7 @@ def _collect(value: object, key: str) -> List[Tuple[Optional[str], List[Number]]
         if key in value:
             box = value[key]
             numbers = box if isinstance(box, list) else []
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers):
+            if not all(_finite_number(v) for v in numbers):
                 numbers = []
             label = value.get("label")
             found.append((clean_label(label if isinstance(label, str) else None), list(numbers)))
@@ -399,6 +399,11 @@ def _collect(value: object, key: str) -> List[Tuple[Optional[str], List[Number]]
             if isinstance(item, (list, dict)):
                 found += _collect(item, key)
     return found
+
+
+def _finite_number(value: object) -> bool:
+    """JSON allows 1e999, which Python reads as inf: such a box is malformed, not clamped."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def unfence_json_display(text: str) -> str:
