@@ -225,7 +225,8 @@ def test_corrupt_and_missing_files_name_the_file(tmp_path):
 
 
 def _ct_small():
-    pydicom = pytest.importorskip("pydicom")
+    import pydicom
+
     return pydicom, os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "CT_small.dcm")
 
 

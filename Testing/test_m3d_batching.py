@@ -12,15 +12,13 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut  # noqa: E402
-from medmllm.engines.m3d import engine as engine_module  # noqa: E402
-from medmllm.engines.m3d.batching import Request, Scheduler, SlotCache  # noqa: E402
-from medmllm.engines.registry import create_engine  # noqa: E402
-from medmllm.geometry.volume import Volume  # noqa: E402
+import torch
+import transformers  # noqa: F401
+from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut
+from medmllm.engines.m3d import engine as engine_module
+from medmllm.engines.m3d.batching import Request, Scheduler, SlotCache
+from medmllm.engines.registry import create_engine
+from medmllm.geometry.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

@@ -11,11 +11,9 @@ from typing import Any, List
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from medmllm.engines.base import (  # noqa: E402
+import torch
+import transformers  # noqa: F401
+from medmllm.engines.base import (
     BoxOut,
     ChatContext,
     ChatTurn,
@@ -25,11 +23,11 @@ from medmllm.engines.base import (  # noqa: E402
     TokenOut,
     WarningOut,
 )
-from medmllm.engines.m3d import engine as engine_module  # noqa: E402
-from medmllm.engines.m3d.generation import Decoder, IncrementalDetokenizer  # noqa: E402
-from medmllm.engines.registry import create_engine  # noqa: E402
-from medmllm.geometry.boxes import IJKBox  # noqa: E402
-from medmllm.geometry.volume import Volume  # noqa: E402
+from medmllm.engines.m3d import engine as engine_module
+from medmllm.engines.m3d.generation import Decoder, IncrementalDetokenizer
+from medmllm.engines.registry import create_engine
+from medmllm.geometry.boxes import IJKBox
+from medmllm.geometry.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANTED = (

@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut  # noqa: E402
-from medmllm.engines.m3d.config import LamedConfig  # noqa: E402
-from medmllm.engines.m3d.loader import check_memory, load, weight_files  # noqa: E402
-from medmllm.engines.registry import create_engine  # noqa: E402
-from medmllm.geometry.volume import Volume  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+import torch
+import transformers  # noqa: F401
+from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut
+from medmllm.engines.m3d.config import LamedConfig
+from medmllm.engines.m3d.loader import check_memory, load, weight_files
+from medmllm.engines.registry import create_engine
+from medmllm.geometry.volume import Volume
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "Testing" / ".tiny"

@@ -7,17 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
-from medmllm.engines.base import EngineError  # noqa: E402
-from medmllm.engines.m3d.config import LamedConfig  # noqa: E402
-from medmllm.engines.m3d.generation import pick_token  # noqa: E402
-from medmllm.engines.m3d.loader import expected_shapes  # noqa: E402
-from medmllm.engines.m3d.projector import SpatialPoolingProjector  # noqa: E402
-from medmllm.engines.m3d.segvol import PositionEmbeddingRandom  # noqa: E402
-from medmllm.engines.m3d.vit3d import Patchify, SelfAttention  # noqa: E402
+import torch
+import transformers  # noqa: F401
+from medmllm.engines.base import EngineError
+from medmllm.engines.m3d.config import LamedConfig
+from medmllm.engines.m3d.generation import pick_token
+from medmllm.engines.m3d.loader import expected_shapes
+from medmllm.engines.m3d.projector import SpatialPoolingProjector
+from medmllm.engines.m3d.segvol import PositionEmbeddingRandom
+from medmllm.engines.m3d.vit3d import Patchify, SelfAttention
 
 # Phi-3-mini-4k keys as in the M3D-LaMed-Phi-3-4B config.json (official LaMed keys, no optional ones).
 PHI3_FULL = {

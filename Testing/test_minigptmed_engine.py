@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-from medmllm.engines.base import (  # noqa: E402
+import torch
+import transformers  # noqa: F401
+from medmllm.engines.base import (
     BoxOut,
     ChatContext,
     ChatTurn,
@@ -23,10 +22,10 @@ from medmllm.engines.base import (  # noqa: E402
     ViewState,
     WarningOut,
 )
-from medmllm.engines.registry import create_engine, engine_names  # noqa: E402
-from medmllm.geometry.boxes import IJKBox  # noqa: E402
-from medmllm.geometry.slices import export_slice  # noqa: E402
-from medmllm.geometry.volume import Volume  # noqa: E402
+from medmllm.engines.registry import create_engine, engine_names
+from medmllm.geometry.boxes import IJKBox
+from medmllm.geometry.slices import export_slice
+from medmllm.geometry.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "Testing" / ".tiny" / "minigptmed-engine"

@@ -9,21 +9,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
-from medmllm.engines.base import EngineError  # noqa: E402
-from medmllm.engines.minigptmed.config import MiniGPTMedConfig  # noqa: E402
-from medmllm.engines.minigptmed.eva_vit import Attention, interpolate_pos_embed  # noqa: E402
-from medmllm.engines.minigptmed.loader import (  # noqa: E402
+import torch
+import transformers  # noqa: F401
+from medmllm.engines.base import EngineError
+from medmllm.engines.minigptmed.config import MiniGPTMedConfig
+from medmllm.engines.minigptmed.eva_vit import Attention, interpolate_pos_embed
+from medmllm.engines.minigptmed.loader import (
     LORA_PREFIX,
     check_memory,
     llama_parameters,
     load,
     resolve_inputs,
 )
-from medmllm.engines.minigptmed.model import CLIP_MEAN, CLIP_STD, image_tensor  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from medmllm.engines.minigptmed.model import CLIP_MEAN, CLIP_STD, image_tensor
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "Testing" / ".tiny" / "minigptmed-loader"

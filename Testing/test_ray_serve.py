@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.serve as serve
 import requests
 from conftest import free_port, phantom_ct
 from medmllm.client import MedMLLMClient, parse_sse
 from medmllm.protocol import ROUTING_HEADER, chat_request, volume_path
 
-serve = pytest.importorskip("ray.serve", reason="ray[serve] is not installed")
 ROOT = Path(__file__).resolve().parents[1]
 VOLUMES = 16
 
