@@ -57,3 +57,32 @@ def test_many_threads_each_get_exactly_one_turn_and_never_two_at_once():
         t.join(10)
     assert wait_until(lambda: len(served) == 40) and most[0] == 1
     assert sorted(served) == list(range(40))
+
+
+def test_a_batching_engine_gets_up_to_its_capacity_at_once_then_arrival_order():
+    turns = EngineTurns(capacity=3)
+    running = [turns.join() for _ in range(3)]
+    queued = [turns.join() for _ in range(2)]
+    assert all(t.is_set() for t in running) and not any(t.is_set() for t in queued)
+    turns.leave(running[1])
+    assert queued[0].is_set() and not queued[1].is_set()
+    for turn in (running[0], running[2], queued[0]):
+        turns.leave(turn)
+    assert queued[1].is_set() and turns.waiting() == 0
+    turns.leave(queued[1])
+    assert all(turns.join().is_set() for _ in range(3)) and not turns.join().is_set()
+
+
+def test_the_server_admits_as_many_questions_as_the_engine_batches(tmp_path):
+    from conftest import ScriptedEngine
+    from medmllm.engines.base import EngineOptions
+    from medmllm.server.app import ServerState
+
+    class Batching(ScriptedEngine):
+        def max_concurrent_chats(self) -> int:
+            return 4
+
+    plain = ServerState(ScriptedEngine(EngineOptions()), None, None, tmp_path / "a", 1.0)
+    batching = ServerState(Batching(EngineOptions()), None, None, tmp_path / "b", 1.0)
+    assert [plain.engine_turns.join().is_set() for _ in range(2)] == [True, False]
+    assert [batching.engine_turns.join().is_set() for _ in range(5)] == [True] * 4 + [False]

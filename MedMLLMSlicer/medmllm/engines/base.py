@@ -129,9 +129,6 @@ class Engine(ABC):
     """A model backend. Subclasses live in `medmllm/engines/<name>.py` as `ENGINE = Subclass`."""
 
     name: ClassVar[str]
-    # True when `chat` may be called from several threads at once (the engine batches them itself);
-    # otherwise the server admits one question at a time.
-    concurrent_chats: ClassVar[bool] = False
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
@@ -146,6 +143,11 @@ class Engine(ABC):
     @abstractmethod
     def chat(self, ctx: ChatContext, cancel: threading.Event) -> Iterator[EngineEvent]:
         """Answer the last question, yielding events as they happen; stop soon after `cancel` is set."""
+
+    def max_concurrent_chats(self) -> int:
+        """How many `chat` calls the server may run at once: more than 1 only for engines that
+        batch concurrent questions themselves."""
+        return 1
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release models / connections."""

@@ -52,7 +52,7 @@ class ServerState:
         self.results = results
         self.sessions = SessionStore(folder=root / "sessions")
         self.answer_timeout_s = answer_timeout_s
-        self.engine_turns = EngineTurns()
+        self.engine_turns = EngineTurns(engine.max_concurrent_chats())
         self.prepared: Dict[str, bool] = {}
 
 

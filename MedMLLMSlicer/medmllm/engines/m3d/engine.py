@@ -85,7 +85,6 @@ class M3DEngine(Engine):
 
     name = "m3d"
     # chat() may be called from several threads at once: they are decoded together (batching.py).
-    concurrent_chats = True
 
     def __init__(self, options: EngineOptions, loaded: Optional[Loaded] = None) -> None:
         """`loaded` lets the benchmark hand in a model built in memory; normally the folder is read."""
@@ -122,6 +121,9 @@ class M3DEngine(Engine):
         self.max_volumes = _int_option(extra, "max_volumes", 4, 1)
         self._volumes: OrderedDict[str, _VolumeState] = OrderedDict()
         self._lock = threading.Lock()  # guards the per-volume states, never held during a forward
+
+    def max_concurrent_chats(self) -> int:
+        return max(1, self.scheduler.slots)
 
     def _check_slot_memory(self, slots: int) -> None:
         """The batched KV cache is allocated up front; refuse clearly if it cannot fit."""
