@@ -300,7 +300,10 @@ def _lines(chunks) -> Iterator[str]:
 
 class _BodyReader:
     """Byte strings/views sent as one request body without joining them: a 157 MB volume is
-    streamed from the array itself instead of first being copied into one `bytes`."""
+    streamed from the array itself, in large views, instead of first being copied into one `bytes`
+    (requests sends an iterable with a length as a plain body of that Content-Length)."""
+
+    CHUNK = 4 << 20
 
     def __init__(self, parts: Tuple[Union[bytes, memoryview], ...]) -> None:
         self._parts = [memoryview(p).cast("B") for p in parts]
@@ -309,12 +312,7 @@ class _BodyReader:
     def __len__(self) -> int:
         return self._size
 
-    def read(self, size: int = -1) -> bytes:
-        if not self._parts:
-            return b""
-        head = self._parts[0]
-        n = head.nbytes if size is None or size < 0 else min(size, head.nbytes)
-        chunk, self._parts[0] = head[:n], head[n:]
-        if not self._parts[0].nbytes:
-            self._parts.pop(0)
-        return chunk.tobytes()
+    def __iter__(self) -> Iterator[memoryview]:
+        for part in self._parts:
+            for start in range(0, part.nbytes, self.CHUNK):
+                yield part[start : start + self.CHUNK]

@@ -55,9 +55,10 @@ def _disk_error(exc: OSError) -> StoreError:
 
 
 class _Spool:
-    """An upload's bytes written to a temporary file by a thread of its own while the body still
-    arrives, so the disk works in parallel with the network and the 201 waits only for the tail.
-    A write error (a full disk) surfaces at the next chunk or at `finish`."""
+    """An upload's bytes hashed and written to a temporary file by a thread of its own while the
+    body still arrives, so hashing and the disk work in parallel with the network (hashlib and file
+    writes release the GIL) and the 201 waits only for the tail. A write error (a full disk)
+    surfaces at the next chunk or at `sha256`/`finish`."""
 
     def __init__(self, tmp_dir: Path, prefix: str) -> None:
         try:
@@ -68,12 +69,19 @@ class _Spool:
         self._file = os.fdopen(fd, "wb")
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._error: Optional[OSError] = None
+        self._hash = hashlib.sha256()
         self._thread = threading.Thread(target=self._run, name="upload-spool", daemon=True)
         self._thread.start()
 
     def put(self, chunk: bytes) -> None:
         self._check()
         self._chunks.put(chunk)
+
+    def sha256(self) -> str:
+        """Hex digest of everything put, once the last bytes are written."""
+        self._stop()
+        self._check()
+        return self._hash.hexdigest()
 
     def finish(self, target: Path) -> None:
         """Wait for the last bytes, then rename the file into place."""
@@ -100,6 +108,7 @@ class _Spool:
     def _run(self) -> None:
         chunk = self._chunks.get()
         while chunk is not None:
+            self._hash.update(chunk)
             if self._error is None:
                 try:
                     self._file.write(chunk)
@@ -113,7 +122,7 @@ class _Spool:
 
 
 class Upload:
-    """One PUT in progress: decompress, bound, hash, buffer and spool the body chunk by chunk.
+    """One PUT in progress: decompress, bound, buffer and spool (hash + disk) the body chunk by chunk.
 
     The caller must `discard()` an upload that fails (or is abandoned) before `commit()`.
     """
@@ -124,7 +133,6 @@ class Upload:
         self.store = store
         self.volume_id = volume_id
         self.size = 0
-        self._hash = hashlib.sha256()
         self._inflate = None
         if encoding and encoding.lower() not in ("identity", UPLOAD_ENCODING):
             raise StoreError(415, f"unsupported Content-Encoding {encoding!r}; use {UPLOAD_ENCODING} or none")
@@ -153,7 +161,6 @@ class Upload:
         end = self.size + len(data)
         if end > self.store.max_volume_bytes:
             self._too_large()
-        self._hash.update(data)
         if end <= len(self._buffer):
             self._buffer[self.size : end] = data
         else:
@@ -173,7 +180,7 @@ class Upload:
             raise StoreError(
                 400, f"upload truncated: {self.size} of {len(self._buffer)} announced bytes arrived"
             )
-        digest = self._hash.hexdigest()
+        digest = self._spool.sha256()
         if digest != self.volume_id:
             raise StoreError(400, f"upload corrupted: its sha256 is {digest}, not the volume id in the URL")
         try:
