@@ -414,11 +414,6 @@ def unfence_json_display(text: str) -> str:
     return text.replace("\x00", "").replace("\x01", "")
 
 
-def require_task(dialect_name: str, tasks: Sequence[str], task: str) -> None:
-    if task not in tasks:
-        raise ValueError(f"dialect {dialect_name!r} has no task {task!r}; it supports: {', '.join(tasks)}")
-
-
 def check_region(fractions: Optional[Sequence[float]], dims: int) -> List[float]:
     """Validate a user region: 2*dims edge fractions in [0, 1], all lows before highs."""
     if fractions is None:

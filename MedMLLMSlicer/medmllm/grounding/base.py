@@ -89,7 +89,6 @@ class Dialect(ABC):
     def format_region(self, fractions: Sequence[float], image_size: Optional[ImageSize] = None) -> str:
         """A user region (edge fractions, see `BoxFound.fractions`) written in the model's grammar."""
 
-    @abstractmethod
     def build_prompt(
         self,
         task: str,
@@ -99,6 +98,17 @@ class Dialect(ABC):
     ) -> str:
         """The question to send for `task`: `text` is the target phrase (ground, segment), the question
         (chat, region) or extra instructions (report); `region` the user region for task "region"."""
+        if task not in self.tasks:
+            raise ValueError(
+                f"dialect {self.name!r} has no task {task!r}; it supports: {', '.join(self.tasks)}"
+            )
+        return self._prompt(task, text.strip(), region, image_size)
+
+    @abstractmethod
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
+    ) -> str:
+        """`build_prompt` for one of `tasks`, with `text` already stripped."""
 
     def strip(self, text: str) -> str:
         """Answer text for display: grammar markup removed, boxes replaced by their labels."""

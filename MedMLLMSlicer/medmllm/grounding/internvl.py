@@ -21,7 +21,6 @@ from medmllm.grounding._stream import (
     check_region,
     clean_label,
     parse_numbers,
-    require_task,
     snippet,
 )
 from medmllm.grounding.base import BoxFound, Dialect, ImageSize, ParseEvent, ParseWarning
@@ -103,17 +102,11 @@ class InternVLDialect(Dialect):
         values = check_region(fractions, dims=2)
         return "<box>[[" + ", ".join(str(round(v * SCALE)) for v in values) + "]]</box>"
 
-    def build_prompt(
-        self,
-        task: str,
-        text: str = "",
-        region: Optional[Sequence[float]] = None,
-        image_size: Optional[ImageSize] = None,
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
     ) -> str:
         """MedRegA's task preamble, then the question; Chinese text gets the Chinese preamble where
         MedRegA has one (chat, ground, report)."""
-        require_task(self.name, self.tasks, task)
-        text = text.strip()
         chinese = bool(_CJK.search(text)) and task in _ZH
         preamble = (_ZH if chinese else _EN)[task]
         if task == "ground":

@@ -20,7 +20,6 @@ from medmllm.grounding._stream import (
     check_region,
     clean_label,
     parse_numbers,
-    require_task,
     snippet,
 )
 from medmllm.grounding.base import Dialect, ImageSize, ParseEvent, ParseWarning, SegFound
@@ -95,15 +94,9 @@ class M3DDialect(Dialect):
         values = check_region(fractions, dims=3)
         return "<bx_start>[" + ", ".join(repr(round(v, 3)) for v in values) + "]<bx_end>"
 
-    def build_prompt(
-        self,
-        task: str,
-        text: str = "",
-        region: Optional[Sequence[float]] = None,
-        image_size: Optional[ImageSize] = None,
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
     ) -> str:
-        require_task(self.name, self.tasks, task)
-        text = text.strip()
         if task == "ground":
             return f"Where is {_target(text)} in this image? Please output the box."
         if task == "segment":

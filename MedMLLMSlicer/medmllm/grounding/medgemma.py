@@ -17,7 +17,6 @@ from medmllm.grounding._stream import (
     JsonBoxParser,
     SpanRule,
     check_region,
-    require_task,
     unfence_json_display,
 )
 from medmllm.grounding.base import Dialect, ImageSize, ParseEvent
@@ -67,15 +66,9 @@ class MedGemmaDialect(Dialect):
         x0, y0, x1, y1 = check_region(fractions, dims=2)
         return json.dumps({"box_2d": [round(v * SCALE) for v in (y0, x0, y1, x1)]})
 
-    def build_prompt(
-        self,
-        task: str,
-        text: str = "",
-        region: Optional[Sequence[float]] = None,
-        image_size: Optional[ImageSize] = None,
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
     ) -> str:
-        require_task(self.name, self.tasks, task)
-        text = text.strip()
         if task == "ground":
             if not text:
                 raise ValueError("this task needs the name of a structure, e.g. 'right clavicle'")

@@ -19,7 +19,6 @@ from medmllm.grounding._stream import (
     check_region,
     clean_label,
     parse_numbers,
-    require_task,
     snippet,
 )
 from medmllm.grounding.base import Dialect, ImageSize, ParseEvent, ParseWarning
@@ -66,15 +65,9 @@ class MiniGPTMedDialect(Dialect):
         values = check_region(fractions, dims=2)
         return "{" + "".join(f"<{round(v * SCALE)}>" for v in values) + "}"
 
-    def build_prompt(
-        self,
-        task: str,
-        text: str = "",
-        region: Optional[Sequence[float]] = None,
-        image_size: Optional[ImageSize] = None,
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
     ) -> str:
-        require_task(self.name, self.tasks, task)
-        text = text.strip()
         if task == "ground":
             if not text:
                 raise ValueError("this task needs the name of a finding, e.g. 'tumor'")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import SpanRule, StreamParser, require_task
+from medmllm.grounding._stream import SpanRule, StreamParser
 from medmllm.grounding.base import Dialect, ImageSize, ParseEvent
 
 
@@ -29,15 +29,9 @@ class PlainDialect(Dialect):
     def format_region(self, fractions: Sequence[float], image_size: Optional[ImageSize] = None) -> str:
         raise ValueError("dialect 'plain' has no grammar for regions; choose a grounding model")
 
-    def build_prompt(
-        self,
-        task: str,
-        text: str = "",
-        region: Optional[Sequence[float]] = None,
-        image_size: Optional[ImageSize] = None,
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
     ) -> str:
-        require_task(self.name, self.tasks, task)
-        text = text.strip()
         if task == "report":
             return " ".join(
                 filter(None, ["Describe the findings in this image as a radiology report.", text])

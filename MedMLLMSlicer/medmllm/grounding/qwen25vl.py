@@ -17,7 +17,6 @@ from medmllm.grounding._stream import (
     JsonBoxParser,
     check_image_size,
     check_region,
-    require_task,
     unfence_json_display,
 )
 from medmllm.grounding.base import Dialect, ImageSize
@@ -51,15 +50,9 @@ class Qwen25VLDialect(Dialect):
             {"bbox_2d": [round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)]}
         )
 
-    def build_prompt(
-        self,
-        task: str,
-        text: str = "",
-        region: Optional[Sequence[float]] = None,
-        image_size: Optional[ImageSize] = None,
+    def _prompt(
+        self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]
     ) -> str:
-        require_task(self.name, self.tasks, task)
-        text = text.strip()
         if task == "ground":
             if not text:
                 raise ValueError("this task needs the name of a finding, e.g. 'liver'")
