@@ -6,11 +6,24 @@ so a partial download or another model's file is a sentence, not a model that an
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+import json
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from medmllm.engines.base import EngineError
 
 Shapes = Mapping[str, Sequence[int]]
+
+
+def read_json_object(path: str, what: str) -> Dict[str, Any]:
+    """A JSON file that must hold an object (config.json and friends), or an EngineError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot read {what} {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EngineError(f"{what} {path} is not a JSON object")
+    return data
 
 
 def tensor_names(names: List[str], most: int = 5) -> str:

@@ -7,11 +7,11 @@ built by transformers' own class and the rest by ours, without `trust_remote_cod
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from medmllm.engines._checkpoint import read_json_object
 from medmllm.engines.base import EngineError
 
 FAMILIES = {"lamed_phi3": "phi3", "lamed_llama": "llama"}
@@ -135,14 +135,7 @@ class LamedConfig:
         path = os.path.join(folder, "config.json")
         if not os.path.isfile(path):
             raise EngineError(f"{folder} has no config.json; point --model at an M3D-LaMed checkpoint folder")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as exc:
-            raise EngineError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise EngineError(f"{path} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "the checkpoint config"))
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> LamedConfig:

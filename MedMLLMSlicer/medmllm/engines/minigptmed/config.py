@@ -8,11 +8,11 @@ tiny test checkpoints load through exactly the same code as the real ones.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Union
 
+from medmllm.engines._checkpoint import read_json_object
 from medmllm.engines.base import EngineError
 
 
@@ -76,11 +76,7 @@ class MiniGPTMedConfig:
         if isinstance(value, str):
             if not os.path.isfile(value):
                 raise EngineError(f"MiniGPT-Med config file {value!r} does not exist")
-            try:
-                with open(value, encoding="utf-8") as f:
-                    data = json.load(f)
-            except (OSError, ValueError) as exc:
-                raise EngineError(f"cannot read the MiniGPT-Med config {value}: {exc}") from exc
+            data = read_json_object(value, "the MiniGPT-Med config")
         if not isinstance(data, Mapping):
             raise EngineError("the MiniGPT-Med config must be a JSON object of sizes")
         known = {f.name for f in fields(cls)}

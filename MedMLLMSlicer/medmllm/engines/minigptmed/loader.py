@@ -15,13 +15,12 @@ LoRA is merged at load: W += (B @ A) * alpha / r, computed in float32.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from medmllm.engines._checkpoint import check_tensors, tensor_names
+from medmllm.engines._checkpoint import check_tensors, read_json_object, tensor_names
 from medmllm.engines.base import EngineError
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
 
@@ -248,14 +247,11 @@ def llama_config_of(folder: str) -> Any:
     path = os.path.join(folder, "config.json")
     if not os.path.isdir(folder) or not os.path.isfile(path):
         raise EngineError(f"{folder!r} is not a LLaMA folder with config.json; it should be {WHERE['llama']}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict) or data.get("model_type") != "llama":
-        kind = data.get("model_type") if isinstance(data, dict) else None
-        raise EngineError(f"{folder} holds a {kind!r} model, not LLaMA; it should be {WHERE['llama']}")
+    data = read_json_object(path, "the LLaMA config")
+    if data.get("model_type") != "llama":
+        raise EngineError(
+            f"{folder} holds a {data.get('model_type')!r} model, not LLaMA; it should be {WHERE['llama']}"
+        )
     return LlamaConfig.from_dict(data)
 
 
