@@ -76,3 +76,16 @@ def test_fake_parameter_node_wrapper_stores_nodes_as_slicer_does(fake_slicer):  
         @fake_slicer.parameterNodeWrapper.parameterNodeWrapper
         class Numbers:
             threshold: float
+
+
+def test_calls_with_an_argument_count_slicer_lacks_raise_type_error(fake_slicer):  # noqa: F811
+    roi = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "r")
+    roi.SetSize(1.0, 2.0, 3.0)
+    with pytest.raises(TypeError, match="GetSizeWorld"):
+        roi.GetSizeWorld()  # Slicer has only GetSizeWorld(double size_World[3])
+    size = [0.0, 0.0, 0.0]
+    roi.GetSizeWorld(size)
+    assert size == [1.0, 2.0, 3.0]
+    centre = [0.0, 0.0, 0.0]
+    roi.GetCenterWorld(centre)  # both overloads exist: with an output array and without
+    assert len(roi.GetCenterWorld()) == 3

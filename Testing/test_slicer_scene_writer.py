@@ -206,3 +206,21 @@ def test_roi_request_and_volume_arrays(fake_slicer):  # noqa: F811
         "size": [4.0, 5.0, 6.0],
         "axes": np.eye(3).tolist(),
     }
+
+
+def test_empty_masks_are_a_notice_and_an_emptied_segment_focuses_with_a_sentence(writer, fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.conversation import Turn
+
+    sw, _volume, conv = writer
+    voxels, ijk_to_ras = phantom_ct()
+    answer = Turn("assistant")
+    notice = sw.apply_event(conv, answer, _mask_event("liver", voxels > 5000, ijk_to_ras))
+    assert (
+        "empty" in notice
+        and answer.items == []
+        and conv.segmentation().GetSegmentation().GetNumberOfSegments() == 0
+    )
+    item = conv.add_mask(_mask_event("bone", voxels > 300, ijk_to_ras))
+    segment = conv.segmentation().GetSegmentation().GetSegment(item.segment_id)
+    segment.mask[:] = False  # the user erased it in Segment Editor
+    assert "is empty" in sw.focus(item)

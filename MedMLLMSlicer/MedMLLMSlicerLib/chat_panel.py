@@ -363,7 +363,7 @@ class ChatPanel:
         self.settings.mode = mode
         current = [k for k, _ in MODE_LABELS].index(mode)
         self.mode_pages.setCurrentIndex(current)
-        for index in range(self.mode_pages.count()):
+        for index in range(prop(self.mode_pages, "count")):
             policy = qt.QSizePolicy.Preferred if index == current else qt.QSizePolicy.Ignored
             self.mode_pages.widget(index).setSizePolicy(policy, policy)
         self.mode_pages.adjustSize()

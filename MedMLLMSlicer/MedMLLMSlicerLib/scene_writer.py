@@ -74,7 +74,8 @@ def roi_request(roi_node: Any) -> Dict[str, List]:
         axis = [0.0, 0.0, 0.0]
         getter(axis)
         columns.append(axis)
-    size = [float(v) for v in roi_node.GetSizeWorld()]
+    size = [0.0, 0.0, 0.0]
+    roi_node.GetSizeWorld(size)
     if min(size) <= 0:
         raise SceneError(f"ROI '{roi_node.GetName()}' has zero size: drag its handles to cover the region")
     return {"center": center, "size": size, "axes": np.array(columns).T.tolist()}
@@ -242,6 +243,9 @@ def apply_event(conversation_scene: ConversationScene, answer: Turn, event: Dict
     elif kind == "box":
         answer.items.append(conversation_scene.add_box(event, len(answer.items)))
     elif kind == "mask":
+        mask = event.get("mask")
+        if mask is not None and not mask.any():
+            return f"the mask for '{event.get('label') or 'mask'}' is empty: no segment was added"
         answer.items.append(conversation_scene.add_mask(event))
     elif kind == "report":
         answer.report = str(event.get("markdown", ""))
@@ -259,7 +263,10 @@ def focus(item: Item) -> str:
     if item.kind == "mask":
         if node.GetSegmentation().GetSegment(item.segment_id) is None:
             return f"segment '{item.label}' was deleted"
-        center = [float(v) for v in node.GetSegmentCenterRAS(item.segment_id)]
+        found = node.GetSegmentCenterRAS(item.segment_id)
+        if found is None:
+            return f"segment '{item.label}' is empty: paint it in Segment Editor, or delete it"
+        center = [float(v) for v in found]
     else:
         center = [0.0, 0.0, 0.0]
         node.GetCenterWorld(center)

@@ -38,6 +38,63 @@ def _is_vtk_name(name: str) -> bool:
     return name[:1].isupper()
 
 
+def _split_params(params: str) -> List[str]:
+    """Top-level comma split of a C++ parameter list (templates and arrays keep their commas)."""
+    parts, depth, current = [], 0, ""
+    for ch in params:
+        depth += (ch in "<([" and 1) or 0
+        depth -= (ch in ">)]" and 1) or 0
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    parts.append(current)
+    return [p.strip() for p in parts if p.strip() and p.strip() != "void"]
+
+
+def _signature_arity(signature: str, name: str) -> Optional[Tuple[int, int]]:
+    """(fewest, most) arguments of one C++ declaration; None for macros (their overloads vary)."""
+    if "Macro(" in signature or f"{name}(" not in signature:
+        return None
+    inner = signature.split(f"{name}(", 1)[1]
+    depth = 1
+    for end, ch in enumerate(inner):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            inner = inner[:end]
+            break
+    params = _split_params(inner)
+    return sum("=" not in p for p in params), len(params)
+
+
+def call_arities(vtk_class: str, name: str) -> Optional[List[Tuple[int, int]]]:
+    """Every overload's argument range along the class chain, or None when any is unknown."""
+    arities = []
+    for cls in _chain(vtk_class):
+        for signature in _CLASSES[cls].get("signatures", {}).get(name, []):
+            arity = _signature_arity(signature, name)
+            if arity is None:
+                return None
+            arities.append(arity)
+    return arities or None
+
+
+def _checked_call(vtk_class: str, name: str, method: Callable) -> Callable:
+    """Calls with an argument count no overload of Slicer's method takes raise TypeError, as VTK does."""
+    arities = call_arities(vtk_class, name)
+    if arities is None or not callable(method):
+        return method
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        n = len(args) + len(kwargs)
+        if not any(lo <= n <= hi for lo, hi in arities):
+            raise TypeError(f"{vtk_class}.{name} takes {arities} arguments in Slicer, got {n}")
+        return method(*args, **kwargs)
+
+    return call
+
+
 class _CheckedMeta(type):
     def __getattribute__(cls, name: str) -> Any:
         if _is_vtk_name(name):
@@ -62,9 +119,10 @@ class FakeVTKObject(metaclass=_CheckedMeta):
             if not manifest_allows(vtk_class, name):
                 raise AttributeError(f"'{vtk_class}' has no method '{name}' in Slicer's API")
             try:
-                return object.__getattribute__(self, name)
+                method = object.__getattribute__(self, name)
             except AttributeError:
                 raise AttributeError(f"fake {vtk_class}.{name} exists in Slicer but is not faked") from None
+            return _checked_call(vtk_class, name, method)
         return object.__getattribute__(self, name)
 
     # vtkObject / vtkObjectBase
@@ -290,8 +348,12 @@ class vtkMRMLMarkupsROINode(vtkMRMLMarkupsNode):
     def SetCenter(self, *xyz: Any) -> None:
         self._center = np.array(xyz[0] if len(xyz) == 1 else xyz, dtype=float)
 
-    def GetCenter(self, out: Any) -> None:
+    def GetCenter(self, out: Any = None) -> Optional[Tuple[float, float, float]]:
+        """Both of Slicer's overloads: fill `out`, or return the centre (a vtkVector3d there)."""
+        if out is None:
+            return tuple(float(v) for v in self._center)
         _fill(out, self._center)
+        return None
 
     def SetSize(self, *xyz: Any) -> None:
         self._size = np.array(xyz[0] if len(xyz) == 1 else xyz, dtype=float)
@@ -306,11 +368,15 @@ class vtkMRMLMarkupsROINode(vtkMRMLMarkupsNode):
         return self._object_to_node
 
     # The fake has no parent transforms, so world == node coordinates.
-    def GetCenterWorld(self, out: Any) -> None:
+    def GetCenterWorld(self, out: Any = None) -> Optional[Tuple[float, float, float]]:
+        """Both of Slicer's overloads: fill `out`, or return the centre (a vtkVector3d there)."""
+        if out is None:
+            return tuple(float(v) for v in self._center)
         _fill(out, self._center)
+        return None
 
-    def GetSizeWorld(self) -> Tuple[float, float, float]:
-        return self.GetSize()
+    def GetSizeWorld(self, out: Any) -> None:
+        _fill(out, self.GetSize())
 
     def GetXAxisWorld(self, out: Any) -> None:
         _fill(out, self._object_to_node.array[:3, 0])
@@ -466,11 +532,11 @@ class vtkMRMLSegmentationNode(vtkMRMLDisplayableNode):
     def SetReferenceImageGeometryParameterFromVolumeNode(self, volume: vtkMRMLScalarVolumeNode) -> None:
         self.SetNodeReferenceID("referenceImageGeometryRef", volume.GetID())
 
-    def GetSegmentCenterRAS(self, segment_id: str) -> Tuple[float, float, float]:
+    def GetSegmentCenterRAS(self, segment_id: str) -> Optional[Tuple[float, float, float]]:
         segment = self._segmentation.GetSegment(segment_id)
         kji = np.argwhere(segment.mask)
         if not len(kji):
-            raise ValueError("empty segment has no centre")
+            return None  # what Slicer's double* overload gives for an empty segment
         lo, hi = kji.min(axis=0), kji.max(axis=0)
         ijk = np.append(((lo + hi) / 2.0)[::-1], 1.0)
         return tuple(float(v) for v in (segment.ijk_to_ras @ ijk)[:3])
@@ -667,7 +733,7 @@ class vtkMRMLScene(FakeVTKObject):
         self.InvokeEvent(self.StartCloseEvent)
         for node in [n for n in self._nodes if not isinstance(n, vtkMRMLSliceNode)]:
             if node.GetSingletonTag():
-                node.Reset()
+                node.Reset(None)
             else:
                 self.RemoveNode(node)
         self._closing = False
