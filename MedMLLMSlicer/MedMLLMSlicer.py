@@ -115,7 +115,8 @@ class MedMLLMSlicerLogic(ScriptedLoadableModuleLogic):
             request["roi"] = scene_writer.roi_request(roi_node)
         volume_id = conversation.volume_id = client.ensure_volume(voxels, ijk_to_ras)
         answer = conversation.turns[-1]
-        for event in stream_events(client, volume_id, request, slicer.util.tempDirectory()):
+        downloads = slicer.util.tempDirectory("MedMLLMSlicer", includeDateTime=False)
+        for event in stream_events(client, volume_id, request, downloads):
             notice = scene_writer.apply_event(conv_scene, answer, event)
             if notice:
                 conversation.turns.insert(-1, Turn("notice", notice))

@@ -595,7 +595,8 @@ class ChatPanel:
         handshake = None if url in self._checked else (lambda: self._handshake(client, url))
         self.job = ChatJob(
             self.dispatcher, client, lambda: slicer.util.arrayFromVolume(volume), ijk_to_ras, request,
-            slicer.util.tempDirectory(), self._on_event, self._on_end, handshake,
+            slicer.util.tempDirectory("MedMLLMSlicer", includeDateTime=False), self._on_event,
+            self._on_end, handshake,
         )  # fmt: skip
         self._started = time.perf_counter()
         self._set_busy(True)
