@@ -8,7 +8,7 @@ import medmllm.engines.registry as registry
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import ScriptedEngine, free_port, phantom_ct
+from conftest import BONE_VOXELS, ScriptedEngine, free_port, phantom_ct
 from medmllm.cli import main
 from medmllm.geometry.volume import Volume
 from medmllm.io.segnrrd import read_seg_nrrd
@@ -124,3 +124,25 @@ def test_serve_refuses_a_public_bind_without_token_and_unknown_engines(capsys, m
     assert "refusing to listen on 0.0.0.0 without a token" in capsys.readouterr().err
     assert main(["serve", "--engine", "nope", "--port", str(free_port())]) == 2
     assert "unknown engine 'nope'" in capsys.readouterr().err
+
+
+def test_labels_with_url_characters_download_and_hostile_file_names_are_refused(
+    ct_file, tmp_path, serve, capsys, monkeypatch
+):
+    from medmllm.client import MedMLLMClient
+    from medmllm.engines.base import BoxOut
+    from medmllm.geometry.boxes import IJKBox
+
+    class HashLabel(ScriptedEngine):
+        def chat(self, ctx, cancel):
+            yield BoxOut("lesion #1 50%?", IJKBox.from_voxels(*BONE_VOXELS))
+
+    server = serve(engine=HashLabel())
+    out = tmp_path / "hash"
+    assert main(["ask", str(ct_file), "where", "--server", server.url, "--out", str(out)]) == 0
+    assert [p.name for p in out.glob("*.mrk.json")] == ["lesion #1 50%_.mrk.json"]
+
+    monkeypatch.setattr(MedMLLMClient, "result_files", lambda self, rid: ["../escaped.txt"])
+    assert main(["ask", str(ct_file), "where", "--server", server.url, "--out", str(tmp_path / "o")]) == 2
+    assert "not a plain file name" in capsys.readouterr().err
+    assert not (tmp_path / "escaped.txt").exists()

@@ -25,6 +25,7 @@ from medmllm.protocol import (
     ROUTING_HEADER,
     UPLOAD_ENCODING,
     chat_request,
+    plain_file_name,
     results_path,
     volume_path,
 )
@@ -145,6 +146,17 @@ class MedMLLMClient:
 
     def result_files(self, result_id: str) -> List[str]:
         return self._request("GET", results_path(result_id)).json()["files"]
+
+    def download_results(self, result_id: str, folder: Union[str, Path]) -> List[Path]:
+        """Every file of an answer into `folder` (names checked: nothing lands outside it)."""
+        paths = []
+        for name in self.result_files(result_id):
+            try:
+                safe = plain_file_name(str(name))
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            paths.append(self.download(results_path(result_id, safe), Path(folder) / safe))
+        return paths
 
     def download(self, url: str, path: Union[str, Path]) -> Path:
         """Save a result file (absolute URL or server path like /v1/results/...) atomically."""

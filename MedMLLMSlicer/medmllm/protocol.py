@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Dict, List, Optional, Sequence
+from urllib.parse import quote
 
 API_VERSION = "1"
 
@@ -40,7 +41,16 @@ def volume_path(volume_id: str) -> str:
 
 
 def results_path(result_id: str, filename: str = "") -> str:
-    return f"/v1/results/{result_id}" + (f"/{filename}" if filename else "")
+    """Server path of a result (file): names come from model text, so they are URL-quoted."""
+    return f"/v1/results/{quote(result_id, safe='')}" + (f"/{quote(filename, safe='')}" if filename else "")
+
+
+def plain_file_name(name: str) -> str:
+    """`name` if it is a bare file name; a server-sent name with a folder part or `..` is refused,
+    so a hostile server cannot make a client write outside the results folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
+        raise ValueError(f"refusing the result file name {name!r}: not a plain file name")
+    return name
 
 
 def chat_request(

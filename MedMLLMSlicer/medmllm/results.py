@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from urllib.parse import quote
 
 import numpy as np
 
@@ -184,7 +185,7 @@ class ResultWriter:
         return event
 
     def _file_url(self, name: str) -> str:
-        return f"{self.url_prefix}/{name}" if self.url_prefix else name
+        return f"{self.url_prefix}/{quote(name, safe='')}" if self.url_prefix else name
 
     def _box(self, event: BoxOut) -> List[Dict[str, Any]]:
         from medmllm.io.markups import roi_document, safe_filename, unique_names, write_roi_json

@@ -166,8 +166,7 @@ def _ask_server(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]
         done: Dict[str, Any] = {}
         ok = _print_events(events, done)
         if done.get("result_id"):
-            for name in client.result_files(done["result_id"]):
-                client.download(f"/v1/results/{done['result_id']}/{name}", args.out / name)
+            client.download_results(done["result_id"], args.out)
     except BackendError as exc:
         raise UsageError(str(exc)) from None
     return ok

@@ -252,9 +252,8 @@ class _ServerAsker:
             on_event(event)
             if event["type"] == "done":
                 done = event
-        result_id = done.get("result_id")
-        for name in self.client.result_files(result_id) if result_id else []:
-            self.client.download(f"/v1/results/{result_id}/{name}", folder / name)
+        if done.get("result_id"):
+            self.client.download_results(done["result_id"], folder)
 
 
 def print_slicer_help(console: Any, out_dir: Path, cases: Sequence[DemoCase]) -> None:
