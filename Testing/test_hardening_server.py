@@ -73,6 +73,25 @@ def test_a_decompression_bomb_stops_inflating_at_the_limit(tmp_path):
     assert i < len(bomb) // 4, "refused early, not after inflating everything"
 
 
+def test_an_announced_length_costs_no_memory_until_the_bytes_arrive(tmp_path):
+    import tracemalloc
+
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 31, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    tracemalloc.start()
+    uploads = [store.begin("0" * 64, None, length=(1 << 31) - 1) for _ in range(4)]
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert held < 1 << 20, f"4 announced 2 GiB uploads hold {held} bytes before any body"
+    uploads[0].write(b"x" * 10)
+    with pytest.raises(StoreError, match="upload truncated: 10 of"):
+        uploads[0].commit()
+    short = store.begin("0" * 64, None, length=4)
+    with pytest.raises(StoreError, match="longer than its Content-Length"):
+        short.write(b"12345")
+    for upload in [*uploads, short]:
+        upload.discard()
+
+
 @pytest.mark.parametrize(
     ("mutate", "status", "words"),
     [

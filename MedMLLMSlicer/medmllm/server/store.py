@@ -138,10 +138,12 @@ class Upload:
             raise StoreError(415, f"unsupported Content-Encoding {encoding!r}; use {UPLOAD_ENCODING} or none")
         if encoding and encoding.lower() == UPLOAD_ENCODING:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        preallocate = length if self._inflate is None and length is not None else 0
-        if preallocate > store.max_volume_bytes:
+        # The announced length is checked, never preallocated: memory follows the bytes that
+        # actually arrive, so headers alone (a 2 GiB Content-Length, no body) cost nothing.
+        self._announced = length if self._inflate is None else None
+        if self._announced is not None and self._announced > store.max_volume_bytes:
             self._too_large()
-        self._buffer = bytearray(preallocate)
+        self._buffer = bytearray()
         self._spool = _Spool(store.tmp_dir, prefix=f"{volume_id[:12]}-")
 
     def write(self, chunk: bytes) -> None:
@@ -161,10 +163,9 @@ class Upload:
         end = self.size + len(data)
         if end > self.store.max_volume_bytes:
             self._too_large()
-        if end <= len(self._buffer):
-            self._buffer[self.size : end] = data
-        else:
-            self._buffer[self.size :] = data
+        if self._announced is not None and end > self._announced:
+            raise StoreError(400, f"the upload is longer than its Content-Length of {self._announced} bytes")
+        self._buffer += data
         self._spool.put(data)
         self.size = end
 
@@ -176,9 +177,9 @@ class Upload:
         """Verify the hash and the volume, cache it and persist it; returns the Volume."""
         if self._inflate is not None and not self._inflate.eof:
             raise StoreError(400, f"the {UPLOAD_ENCODING} upload is truncated")
-        if self.size != len(self._buffer):
+        if self._announced is not None and self.size != self._announced:
             raise StoreError(
-                400, f"upload truncated: {self.size} of {len(self._buffer)} announced bytes arrived"
+                400, f"upload truncated: {self.size} of {self._announced} announced bytes arrived"
             )
         digest = self._spool.sha256()
         if digest != self.volume_id:
