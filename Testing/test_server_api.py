@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -157,6 +158,25 @@ def test_disk_bound_evicts_least_recently_used(serve):
     assert wait_until(lambda: {p.stem for p in volumes.iterdir()} == {second})
     assert client.ensure_volume(np.full((10, 40, 40), 2, np.int16), np.eye(4)) == second
     assert client.last_upload_bytes == 0
+
+
+def test_the_volume_in_use_outlives_an_idle_one_when_the_disk_bound_bites(serve):
+    server = serve(max_store_bytes=80_000)  # room for two 32 kB volumes, not three
+    client = server.client()
+    volumes = server.store / "volumes"
+    a, b, c = (np.full((10, 40, 40), n, np.int16) for n in (1, 2, 3))
+    a_id = client.ensure_volume(a, np.eye(4))
+    time.sleep(0.02)  # distinct modification times on coarse filesystems
+    b_id = client.ensure_volume(b, np.eye(4))
+    time.sleep(0.02)
+    for _ in range(3):  # the user keeps asking about A (HEAD + chat, served from memory)
+        assert client.ensure_volume(a, np.eye(4)) == a_id and client.last_upload_bytes == 0
+        assert list(client.chat(a_id, "hi"))[-1]["type"] == "done"
+    time.sleep(0.02)
+    client.ensure_volume(c, np.eye(4))
+    assert wait_until(lambda: b_id not in {p.stem for p in volumes.iterdir()})
+    assert a_id in {p.stem for p in volumes.iterdir()}, "the busy volume is kept, the idle one evicted"
+    assert client.ensure_volume(a, np.eye(4)) == a_id and client.last_upload_bytes == 0
 
 
 def test_chat_request_problems_are_sentences(live_server):

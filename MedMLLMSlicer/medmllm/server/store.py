@@ -222,9 +222,13 @@ class VolumeStore:
         return self.dir / f"{volume_id}.vol"
 
     def has(self, volume_id: str) -> bool:
+        """Asked before each question about a volume, so it counts as a use for the LRU order."""
         path = self.path(volume_id)
         with self._lock:
-            return volume_id in self._cache or path.is_file()
+            cached = volume_id in self._cache
+            if cached:
+                self._cache.move_to_end(volume_id)
+        return _touch(path) or cached
 
     def begin(self, volume_id: str, encoding: Optional[str], length: Optional[int] = None) -> Upload:
         self.path(volume_id)
@@ -234,12 +238,14 @@ class VolumeStore:
         """The decoded Volume, from memory or disk; StoreError(404) if unknown."""
         path = self.path(volume_id)
         with self._lock:
-            if volume_id in self._cache:
+            cached = self._cache.get(volume_id)
+            if cached is not None:
                 self._cache.move_to_end(volume_id)
-                return self._cache[volume_id]
-        if not path.is_file():
+        on_disk = _touch(path)
+        if cached is not None:
+            return cached
+        if not on_disk:
             raise StoreError(404, "unknown volume: upload it first (PUT /v1/volumes/{sha256})")
-        os.utime(path)
         try:
             volume = _decode_volume(path.read_bytes(), self.max_volume_bytes)
         except ValueError as exc:
@@ -270,6 +276,15 @@ class VolumeStore:
             with self._lock:
                 self._cache.pop(old.stem, None)
             log.info("store: evicted volume %s (disk bound)", old.stem[:12])
+
+
+def _touch(path: Path) -> bool:
+    """Mark a stored volume as just used (the disk bound evicts by modification time); False if absent."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class ResultStore:
