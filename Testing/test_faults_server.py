@@ -4,6 +4,7 @@ client leaving, the server restarting, timeouts, a full disk, and many answers a
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import threading
@@ -120,6 +121,34 @@ def test_a_model_silent_past_the_answer_timeout_ends_with_an_error_and_is_cancel
     assert "sent nothing for 0.5 s" in events[1]["message"]
     assert events[-1]["cancelled"] is True
     assert server.engine.cancelled.wait(10)
+
+
+class LateEngine(ScriptedEngine):
+    """Silent past the answer timeout and deaf to cancel, then talks anyway: a stuck model thread."""
+
+    def chat(self, ctx, cancel):
+        from medmllm.engines.base import TokenOut
+
+        if len(ctx.messages) > 1:  # the follow-up answers at once
+            yield TokenOut("follow-up answer")
+            return
+        time.sleep(1.5)
+        if cancel.is_set():
+            self.cancelled.set()
+        yield TokenOut("too late")
+
+
+def test_after_a_timeout_the_answer_is_closed_and_a_follow_up_is_accepted(serve):
+    server = serve(engine=LateEngine(), answer_timeout_s=0.5)
+    volume_id = _upload(server)
+    client = server.client()
+    first = list(client.chat(volume_id, "anything", session_id="late"))
+    assert [e["type"] for e in first] == ["error", "done"]
+    follow = list(client.chat(volume_id, "and now?", session_id="late"))
+    assert [e["type"] for e in follow] == ["token", "done"], "not refused as still answering"
+    assert server.engine.cancelled.wait(10)
+    chat = json.loads((server.store / "results" / first[-1]["result_id"] / "chat.json").read_text())
+    assert [e["type"] for e in chat["events"]] == ["error", "done"], "nothing recorded after done"
 
 
 def test_waiting_for_a_busy_engine_is_not_a_timeout(serve):

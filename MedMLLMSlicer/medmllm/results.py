@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import quote
 
 import numpy as np
@@ -132,7 +132,8 @@ class ResultWriter:
         self.boxes: List[Dict[str, Any]] = []
         self.masks: List[MaskOut] = []
         self.mask_events: List[Dict[str, Any]] = []
-        self.answered = False
+        self.answered = False  # `done` recorded: later events (a timed-out engine still talking) are dropped
+        self.on_done: Optional[Callable[[], None]] = None
         self.finished = threading.Event()
         self._written_masks = -1
         self._lock = threading.RLock()
@@ -145,6 +146,8 @@ class ResultWriter:
     def add(self, event: EngineEvent) -> List[Dict[str, Any]]:
         """One engine event -> the API events it stands for (a clamped box adds a warning)."""
         with self._lock:
+            if self.answered:
+                return []
             if isinstance(event, TokenOut):
                 self.text.append(event.text)
                 out = [{"type": "token", "text": event.text}]
@@ -167,22 +170,31 @@ class ResultWriter:
             self.events.append(_warning(message))
             return self.events[-1]
 
-    def error(self, message: str) -> Dict[str, Any]:
+    def error(self, message: str) -> List[Dict[str, Any]]:
+        """The answer failed: one `error` event, or none when the answer already ended."""
         with self._lock:
+            if self.answered:
+                return []
             self.events.append({"type": "error", "message": message})
-            return self.events[-1]
+            return [self.events[-1]]
 
-    def done(self, timings: Dict[str, Any], cancelled: bool) -> Dict[str, Any]:
-        event = {
-            "type": "done",
-            "result_id": self.result_id,
-            "session_id": self.session_id,
-            "cancelled": cancelled,
-            "timings": timings,
-        }
-        self.events.append(event)
-        self.answered = True
-        return event
+    def done(self, timings: Dict[str, Any], cancelled: bool) -> List[Dict[str, Any]]:
+        """The closing `done` event, recorded once (then `on_done` runs); none if already done."""
+        with self._lock:
+            if self.answered:
+                return []
+            event = {
+                "type": "done",
+                "result_id": self.result_id,
+                "session_id": self.session_id,
+                "cancelled": cancelled,
+                "timings": timings,
+            }
+            self.events.append(event)
+            self.answered = True
+        if self.on_done is not None:
+            self.on_done()
+        return [event]
 
     def _file_url(self, name: str) -> str:
         return f"{self.url_prefix}/{quote(name, safe='')}" if self.url_prefix else name
@@ -357,13 +369,13 @@ def answer_events(
             if cancel.is_set():
                 break
     except EngineError as exc:
-        yield writer.error(str(exc))
+        yield from writer.error(str(exc))
     except Exception as exc:
         log.exception("engine %s failed", engine.name)
-        yield writer.error(f"the engine failed: {type(exc).__name__}: {exc}")
+        yield from writer.error(f"the engine failed: {type(exc).__name__}: {exc}")
     total = time.perf_counter() - started
     timings = {"first_event_s": first if first is not None else total, "total_s": total, "tokens": tokens}
-    yield writer.done(timings, cancelled=cancel.is_set())
+    yield from writer.done(timings, cancelled=cancel.is_set())
 
 
 def write_preview(path: Path, volume: Volume, boxes: List[Dict[str, Any]], masks: List[MaskOut]) -> Path:

@@ -277,9 +277,9 @@ def _run_turn(state: ServerState, ctx: ChatContext, writer: ResultWriter, sessio
             state.sessions.end_turn(session, ctx.messages, writer.answer)
 
     def emit(event: Dict[str, Any]) -> None:
-        if event["type"] == "done":
-            end_turn()
         loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    writer.on_done = end_turn  # whoever records `done` (this thread, or the stream's timeout) ends the turn
 
     turn = state.engine_turns.join()
     try:
@@ -291,7 +291,8 @@ def _run_turn(state: ServerState, ctx: ChatContext, writer: ResultWriter, sessio
             _run_locked(state, ctx, writer, session, emit, started)
         if session.cancel.is_set() and not writer.events:
             total = time.perf_counter() - started
-            emit(writer.done({"first_event_s": total, "total_s": total, "tokens": 0}, True))
+            for event in writer.done({"first_event_s": total, "total_s": total, "tokens": 0}, True):
+                emit(event)
     finally:
         state.engine_turns.leave(turn)
         end_turn()
@@ -345,4 +346,4 @@ def _timed_out(writer: ResultWriter, timeout_s: float, total: float) -> List[Dic
     )
     log.warning("answer %s: %s", writer.result_id, message)
     timings = {"first_event_s": total, "total_s": total, "tokens": 0}
-    return [writer.error(message), writer.done(timings, True)]
+    return [*writer.error(message), *writer.done(timings, True)]
