@@ -26,8 +26,9 @@ def test_from_voxels_edges_range_and_numpy_index():
     assert (i.min(), i.max(), j.min(), j.max(), k.min(), k.max()) == (1, 4, 2, 5, 3, 6)
 
 
-def test_voxel_range_uses_voxel_centres_and_keeps_thin_boxes():
-    assert IJKBox((0.2, 0.0, 0.0), (2.7, 1.0, 1.0)).voxel_range() == ((1, 0, 0), (2, 1, 1))
+def test_voxel_range_uses_voxel_centres_half_open_and_keeps_thin_boxes():
+    # a centre on the upper edge is outside, as in nearest-neighbour resampling of the model's mask
+    assert IJKBox((0.2, 0.0, 0.0), (2.7, 1.0, 1.0)).voxel_range() == ((1, 0, 0), (2, 0, 0))
     assert IJKBox((2.1, 0.0, 0.0), (2.3, 0.0, 0.0)).voxel_range() == ((2, 0, 0), (2, 0, 0))
     near_half = IJKBox((2.5 - 1e-12, 0, 0), (4.5 + 1e-12, 0, 0))
     assert near_half.voxel_range()[0][0] == 3 and near_half.voxel_range()[1][0] == 4

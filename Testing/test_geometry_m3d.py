@@ -100,6 +100,20 @@ def test_box_fractions_to_ijk_to_fractions_is_identity(grid, data):
     box.clamp(grid.volume_shape)  # lands inside the volume
 
 
+@settings(max_examples=150, deadline=None)
+@given(grids(), st.data())
+def test_a_model_box_and_the_same_voxels_as_a_model_mask_land_on_the_same_voxels(grid, data):
+    first = [data.draw(st.integers(0, m - 1)) for m in SMALL_MODEL]
+    last = [data.draw(st.integers(a, m - 1)) for a, m in zip(first, SMALL_MODEL)]
+    model_mask = np.zeros(SMALL_MODEL, bool)
+    model_mask[first[0] : last[0] + 1, first[1] : last[1] + 1, first[2] : last[2] + 1] = True
+    mask = grid.mask_to_volume(model_mask)
+    assume(mask.any())  # a crop much smaller than the model grid can lose a one-voxel box
+    box = grid.box_to_ijk(tuple(v / m for v, m in zip(first + last, SMALL_MODEL * 2)))
+    k, j, i = np.nonzero(mask)
+    assert box.voxel_range() == ((i.min(), j.min(), k.min()), (i.max(), j.max(), k.max()))
+
+
 @settings(max_examples=80, deadline=None)
 @given(grids(MODEL_SHAPE), st.data())
 def test_voxel_box_to_fractions_to_box_stays_within_the_grid_step(grid, data):

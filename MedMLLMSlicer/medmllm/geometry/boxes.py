@@ -65,14 +65,15 @@ class IJKBox:
         return _vec3([(a + b) / 2 for a, b in zip(self.lo, self.hi)], "centre")
 
     def voxel_range(self) -> Tuple[Tuple[int, int, int], Tuple[int, int, int]]:
-        """Inclusive ((i0, j0, k0), (i1, j1, k1)) of the voxels whose centre lies in the box.
+        """Inclusive ((i0, j0, k0), (i1, j1, k1)) of the voxels whose centre lies in [lo, hi).
 
-        An axis too thin to hold a voxel centre keeps the one voxel nearest the box middle, so a
-        thin model box never vanishes.
+        Half-open like nearest-neighbour resampling, so a model's box and its mask agree on a
+        centre that falls exactly on the upper edge. An axis too thin to hold a voxel centre keeps
+        the one voxel nearest the box middle, so a thin model box never vanishes.
         """
         first, last = [], []
         for lo, hi in zip(self.lo, self.hi):
-            a, b = math.ceil(lo), math.floor(hi)
+            a, b = math.ceil(lo), math.ceil(hi) - 1
             if a > b:
                 a = b = math.floor((lo + hi) / 2 + 0.5)
             first.append(a)
