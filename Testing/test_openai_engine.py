@@ -352,7 +352,15 @@ def test_png_is_a_valid_grayscale_image_of_the_slice() -> None:
 
 
 def test_qwen_sizes_are_multiples_of_28() -> None:
-    for width, height in [(60, 50), (512, 512), (512, 300), (2000, 1500), (30, 400)]:
+    for width, height in [
+        (60, 50),
+        (512, 512),
+        (512, 300),
+        (2000, 1500),
+        (30, 400),
+        (1000, 1000),
+        (1002, 999),
+    ]:
         w, h = qwen_image_size(width, height)
         assert w % 28 == 0 and h % 28 == 0 and w * h <= 1280 * 28 * 28
         assert abs(w / h - width / height) / (width / height) < 0.2

@@ -164,11 +164,12 @@ def qwen_image_size(
     enlarged to a long side of 448 first: tiny images give the model almost nothing to look at."""
     scale = max(1.0, 448.0 / max(width, height))
     w, h = width * scale, height * scale
-    if w * h > max_pixels:
-        shrink = math.sqrt(max_pixels / (w * h))
-        w, h = w * shrink, h * shrink
-        return max(factor, math.floor(w / factor) * factor), max(factor, math.floor(h / factor) * factor)
-    return max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
+    rounded = max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
+    if rounded[0] * rounded[1] <= max_pixels:
+        return rounded
+    shrink = min(1.0, math.sqrt(max_pixels / (w * h)))  # rounding up alone can cross the budget
+    w, h = w * shrink, h * shrink
+    return max(factor, math.floor(w / factor) * factor), max(factor, math.floor(h / factor) * factor)
 
 
 def prepare_image(view: SliceImage, dialect: str) -> SentImage:
