@@ -269,3 +269,11 @@ def test_single_dicom_file_reads_as_one_slice(tmp_path):
     assert v.shape == (1, 128, 128)
     assert v.describe()["orientation"] == "LPS"
     assert v.voxels.min() < -500
+
+
+def test_voxel_volume_is_the_determinant_also_on_a_sheared_gantry_tilt_grid():
+    from medmllm.geometry.transforms import voxel_volume_mm3
+
+    tilted = np.array([[0.7, 0, 0, 0], [0, 0.7, 1.2, 0], [0, 0, 2.5, 0], [0, 0, 0, 1.0]])  # k leans along A
+    assert voxel_volume_mm3(tilted) == pytest.approx(0.7 * 0.7 * 2.5)
+    assert voxel_volume_mm3(np.diag([-0.8, -0.8, 3.0, 1.0])) == pytest.approx(1.92)

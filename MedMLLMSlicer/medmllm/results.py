@@ -31,6 +31,7 @@ from medmllm.engines.base import (
     TokenOut,
     WarningOut,
 )
+from medmllm.geometry.transforms import voxel_volume_mm3
 
 if TYPE_CHECKING:
     from medmllm.geometry.boxes import IJKBox, RoiRAS
@@ -240,7 +241,7 @@ class ResultWriter:
         index = len(self.masks)
         color = tuple(event.color) if event.color else PALETTE[index % len(PALETTE)]
         count = int(np.count_nonzero(mask))
-        voxel_ml = float(np.prod(self.volume.spacing)) / 1000.0
+        voxel_ml = voxel_volume_mm3(self.volume.ijk_to_ras) / 1000.0
         bounds = mask_bbox(mask)
         self.masks.append(MaskOut(event.label, mask, color, dict(event.stats)))
         payload = {

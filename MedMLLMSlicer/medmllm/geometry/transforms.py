@@ -102,3 +102,8 @@ def nearest_axis(ijk_to_ras: ArrayLike, ras_direction: ArrayLike) -> int:
     if d.shape != (3,) or not np.isfinite(norm) or norm == 0:
         raise ValueError(f"expected a non-zero finite RAS direction (3,); got {ras_direction!r}")
     return int(np.argmax(np.abs(axis_directions(ijk_to_ras).T @ (d / norm))))
+
+
+def voxel_volume_mm3(ijk_to_ras: np.ndarray) -> float:
+    """Volume of one voxel: |det| of the 3x3, right for oblique and sheared (gantry-tilt) grids too."""
+    return abs(float(np.linalg.det(np.asarray(ijk_to_ras, dtype=np.float64)[:3, :3])))

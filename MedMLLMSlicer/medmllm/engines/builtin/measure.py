@@ -8,7 +8,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from medmllm.geometry.transforms import ijk_to_ras_points
+from medmllm.geometry.transforms import ijk_to_ras_points, voxel_volume_mm3
 
 # Centroid offsets under this fraction of the reference width count as "in the midline".
 MIDLINE_FRACTION = 0.1
@@ -76,7 +76,7 @@ def measure(label: str, mask: np.ndarray, voxels: np.ndarray, ijk_to_ras: np.nda
     centroid = ijk_to_ras_points(ijk_to_ras, mean_ijk)
     box = (slice(lo[2], hi[2] + 1), slice(lo[1], hi[1] + 1), slice(lo[0], hi[0] + 1))
     values = voxels[box][mask[box]]
-    voxel_ml = abs(float(np.linalg.det(np.asarray(ijk_to_ras, float)[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_mm3(ijk_to_ras) / 1000.0
     return Measurement(
         label=label,
         voxel_count=count,
