@@ -8,7 +8,10 @@ answer depends on keywords in the question (see its docstring).
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -185,3 +188,23 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., LiveServer]]:
 def live_server(serve) -> LiveServer:
     """A server with the ScriptedEngine, no token."""
     return serve()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> Any:
+    """The module in scripts/<name>.py (scripts are not a package), registered so dataclasses work."""
+    spec = importlib.util.spec_from_file_location(f"medmllm_script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_m3d() -> str:
+    """A tiny random M3D-LaMed-Phi-3 checkpoint in the official format, written once per test run."""
+    folder = ROOT / "Testing" / ".tiny" / "m3d-phi3-single"
+    shutil.rmtree(folder, ignore_errors=True)
+    return load_script("make_tiny_m3d").make_tiny(str(folder), "phi3", "single", seed=0)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+from conftest import load_script
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from medmllm.geometry.wire import WireError, decode_volume, encode_volume
@@ -22,11 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_fuzz():
-    spec = importlib.util.spec_from_file_location("medmllm_fuzz_script", ROOT / "scripts" / "fuzz.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fuzz")
 
 
 fuzz = _load_fuzz()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 import threading
 import time
 from contextlib import contextmanager
@@ -14,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401
+from conftest import load_script
 from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut
 from medmllm.engines.m3d import engine as engine_module
 from medmllm.engines.m3d.batching import Request, Scheduler, SlotCache
@@ -32,18 +31,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_folder() -> str:
-    spec = importlib.util.spec_from_file_location("make_tiny_m3d", ROOT / "scripts" / "make_tiny_m3d.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    folder = ROOT / "Testing" / ".tiny" / "batch-phi3"
-    shutil.rmtree(folder, ignore_errors=True)
-    return maker.make_tiny(str(folder), "phi3", "single", seed=0)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_folder):
-    engine = create_engine("m3d", EngineOptions(model=tiny_folder, device="cpu"))
+def engine(tiny_m3d):
+    engine = create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu"))
     for n in range(3):
         engine.prepare(volume(n), f"vol{n}")
     yield engine
@@ -143,10 +132,10 @@ def test_concurrent_chats_answer_exactly_as_sequential_runs(engine):
     wait_for(lambda: not scheduler._rows and not scheduler._waiting, "every slot given back")
 
 
-def test_sampled_answers_keep_their_own_random_stream(tiny_folder):
+def test_sampled_answers_keep_their_own_random_stream(tiny_m3d):
     """With temperature and a seed, each conversation samples from its own generator: the same
     answers concurrently as one after another."""
-    options = EngineOptions(model=tiny_folder, device="cpu", extra={"temperature": 1.0, "seed": 3})
+    options = EngineOptions(model=tiny_m3d, device="cpu", extra={"temperature": 1.0, "seed": 3})
     sampled = create_engine("m3d", options)
     for n in range(3):
         sampled.prepare(volume(n), f"vol{n}")
@@ -231,13 +220,13 @@ def test_single_conversation_uses_the_one_row_step(engine):
     assert engine.scheduler.steps and set(engine.scheduler.steps) == {1}
 
 
-def test_compiled_buckets_trace_one_graph_per_batch_size(tiny_folder, engine, monkeypatch):
+def test_compiled_buckets_trace_one_graph_per_batch_size(tiny_m3d, engine, monkeypatch):
     """The CUDA path's batched step, traced by dynamo on CPU (eager backend): warm-up traces one
     graph per bucket (1, 2, 4, 8); then 3 conversations run in a padded bucket of 4 with no
     further trace (no recompiles per token or per join) and answer as alone."""
     from torch._dynamo.utils import counters
 
-    compiled = create_engine("m3d", EngineOptions(model=tiny_folder, device="cpu"))
+    compiled = create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu"))
     scheduler = Scheduler(
         compiled.model,
         compiled.dynamic,
@@ -267,11 +256,9 @@ def test_compiled_buckets_trace_one_graph_per_batch_size(tiny_folder, engine, mo
     torch._dynamo.reset()
 
 
-def test_long_answers_decode_alone_next_to_the_batch(tiny_folder, engine):
+def test_long_answers_decode_alone_next_to_the_batch(tiny_m3d, engine):
     """An answer longer than a slot runs on its own DynamicCache, interleaved with the batch."""
-    short = create_engine(
-        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache_len": 290})
-    )
+    short = create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu", extra={"static_cache_len": 290}))
     for n in range(2):
         short.prepare(volume(n), f"vol{n}")
     contexts = [ctx_for(0, 40), ctx_for(1, 8)]  # 257 + 10 + 40 > 290: alone; 257 + ~12 + 8 fits
@@ -313,7 +300,7 @@ def test_a_failing_prefill_fails_only_its_conversation(engine, monkeypatch):
     assert [first, *(token for token, _ in running)] == reference
 
 
-def test_bad_batch_options(tiny_folder, monkeypatch):
+def test_bad_batch_options(tiny_m3d, monkeypatch):
     for extra, message in (
         ({"batch_slots": "-1"}, "option batch_slots must be >= 0, got -1"),
         ({"batch_slots": "eight"}, "option batch_slots must be an integer, got 'eight'"),
@@ -321,18 +308,18 @@ def test_bad_batch_options(tiny_folder, monkeypatch):
         ({"max_volumes": None}, "option max_volumes must be an integer"),
     ):
         with pytest.raises(EngineError, match=message):
-            create_engine("m3d", EngineOptions(model=tiny_folder, device="cpu", extra=extra))
+            create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu", extra=extra))
     for extra, message in (
         ({"seed": "x"}, "bad generation option"),
         ({"temperature": "nan"}, "temperature >= 0"),
         ({"top_p": "1.5"}, "0 < top_p <= 1"),
     ):
-        options = EngineOptions(model=tiny_folder, device="cpu", extra={"batch_slots": 0, **extra})
+        options = EngineOptions(model=tiny_m3d, device="cpu", extra={"batch_slots": 0, **extra})
         with pytest.raises(EngineError, match=message):
             answer(create_engine("m3d", options), ctx_for(0, 4))
     monkeypatch.setattr(SlotCache, "nbytes", staticmethod(lambda *args: 1 << 60))
     with pytest.raises(EngineError, match="lower the batch_slots or static_cache_len"):
-        create_engine("m3d", EngineOptions(model=tiny_folder, device="cpu"))
+        create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu"))
 
 
 def test_slot_cache_size_matches_phi3_mini():
@@ -359,9 +346,7 @@ def test_closed_engine_ends_conversations_in_flight(engine, monkeypatch):
 
 def test_bench_script_writes_its_markdown_table(tmp_path, capsys):
     """The benchmark a GPU session will run unattended: here its --tiny form, reduced to seconds."""
-    spec = importlib.util.spec_from_file_location("bench_m3d", ROOT / "scripts" / "bench_m3d.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench_m3d")
     out = tmp_path / "bench.md"
     threads = torch.get_num_threads()
     try:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
 import threading
 from pathlib import Path
 from typing import Any, List
@@ -36,19 +34,9 @@ PLANTED = (
 AFFINE = np.array([[0.0, 0.0, -2.5, 30.0], [0.0, 1.5, 0.0, -12.0], [0.8, 0.0, 0.0, 5.0], [0, 0, 0, 1.0]])
 
 
-@pytest.fixture(scope="session")
-def tiny_folder() -> str:
-    spec = importlib.util.spec_from_file_location("make_tiny_m3d", ROOT / "scripts" / "make_tiny_m3d.py")
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
-    folder = ROOT / "Testing" / ".tiny" / "engine-phi3"
-    shutil.rmtree(folder, ignore_errors=True)
-    return maker.make_tiny(str(folder), "phi3", "single", seed=0)
-
-
 @pytest.fixture(scope="module")
-def engine(tiny_folder):
-    return create_engine("m3d", EngineOptions(model=tiny_folder, device="cpu"))
+def engine(tiny_m3d):
+    return create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu"))
 
 
 def phantom() -> Volume:
@@ -133,28 +121,26 @@ def test_greedy_matches_full_recompute_and_transformers_generate(engine):
     assert generated[0].tolist()[: len(reference)] == reference
 
 
-def test_static_cache_path_matches_dynamic(tiny_folder, engine):
+def test_static_cache_path_matches_dynamic(tiny_m3d, engine):
     """The unbatched path (batch_slots 0): each conversation alone on a pooled StaticCache."""
     static = create_engine(
-        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": True, "batch_slots": 0})
+        "m3d", EngineOptions(model=tiny_m3d, device="cpu", extra={"static_cache": True, "batch_slots": 0})
     )
     assert static.decoder.static
     for question in ("Where is the spleen in this image? Please output the box.", "Describe the findings."):
         ctx = ctx_for(phantom(), question, max_new_tokens=20)
         assert text_of(run(static, ctx)) == text_of(run(engine, ctx))
     assert len(static.decoder._pool) == 1  # the second conversation reused the first one's cache
-    off = create_engine(
-        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": "false"})
-    )
+    off = create_engine("m3d", EngineOptions(model=tiny_m3d, device="cpu", extra={"static_cache": "false"}))
     assert not off.decoder.static  # command-line strings are parsed, not truthy
 
 
-def test_compiled_static_step_traces_once_without_graph_breaks(tiny_folder, engine):
+def test_compiled_static_step_traces_once_without_graph_breaks(tiny_m3d, engine):
     """The CUDA path's step, traced by dynamo on CPU (eager backend): one graph, no per-token recompile."""
     from torch._dynamo.utils import counters
 
     static = create_engine(
-        "m3d", EngineOptions(model=tiny_folder, device="cpu", extra={"static_cache": True, "batch_slots": 0})
+        "m3d", EngineOptions(model=tiny_m3d, device="cpu", extra={"static_cache": True, "batch_slots": 0})
     )
     torch._dynamo.reset()
     counters.clear()
@@ -337,10 +323,8 @@ def test_too_large_volume_is_refused(engine, monkeypatch):
         engine.prepare(phantom(), "huge")
 
 
-def test_sampling_is_reproducible_with_a_seed(tiny_folder):
-    options = EngineOptions(
-        model=tiny_folder, device="cpu", extra={"temperature": 1.0, "seed": 3, "top_p": 0.9}
-    )
+def test_sampling_is_reproducible_with_a_seed(tiny_m3d):
+    options = EngineOptions(model=tiny_m3d, device="cpu", extra={"temperature": 1.0, "seed": 3, "top_p": 0.9})
     texts = [
         text_of(run(create_engine("m3d", options), ctx_for(phantom(), "Describe.", max_new_tokens=12)))
         for _ in "ab"
@@ -400,7 +384,7 @@ def test_models_and_missing_model_option(engine):
         create_engine("m3d", EngineOptions())
 
 
-def test_ask_cli_takes_the_official_demo_npy(tiny_folder, tmp_path, capsys):
+def test_ask_cli_takes_the_official_demo_npy(tiny_m3d, tmp_path, capsys):
     from medmllm.cli import main
 
     array = np.zeros((1, 32, 256, 256), np.float32)
@@ -408,7 +392,7 @@ def test_ask_cli_takes_the_official_demo_npy(tiny_folder, tmp_path, capsys):
     np.save(tmp_path / "example_00.npy", array)
     out = tmp_path / "out"
     argv = ["ask", str(tmp_path / "example_00.npy"), "Where is liver in this image? Please output the box."]
-    argv += ["--engine", "m3d", "--model", tiny_folder, "--device", "cpu", "--max-new-tokens", "6"]
+    argv += ["--engine", "m3d", "--model", tiny_m3d, "--device", "cpu", "--max-new-tokens", "6"]
     assert main([*argv, "--option", "seed=3", "--out", str(out)]) == 0
     chat = json.loads((out / "chat.json").read_text(encoding="utf-8"))
     assert chat["events"][-1]["type"] == "done"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import threading
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401
+from conftest import load_script
 from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut
 from medmllm.engines.m3d.config import LamedConfig
 from medmllm.engines.m3d.loader import check_memory, load, weight_files
@@ -24,10 +24,7 @@ TINY = ROOT / "Testing" / ".tiny"
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_tiny_m3d", ROOT / "scripts" / "make_tiny_m3d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_tiny_m3d")
 
 
 @pytest.fixture(scope="session")

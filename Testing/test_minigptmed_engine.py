@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import threading
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401
+from conftest import load_script
 from medmllm.engines.base import (
     BoxOut,
     ChatContext,
@@ -34,11 +34,7 @@ PLANTED = "<p>tumor</p> {<20><30><40><55>}"
 
 @pytest.fixture(scope="module")
 def engine():
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_minigptmed", ROOT / "scripts" / "make_tiny_minigptmed.py"
-    )
-    maker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(maker)
+    maker = load_script("make_tiny_minigptmed")
     shutil.rmtree(TINY, ignore_errors=True)
     maker.make_tiny(str(TINY), seed=5)
     eng = create_engine("minigptmed", EngineOptions(model=str(TINY)))  # the folder holds all inputs

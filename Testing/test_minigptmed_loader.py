@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401
+from conftest import load_script
 from medmllm.engines.base import EngineError
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
 from medmllm.engines.minigptmed.eva_vit import Attention, interpolate_pos_embed
@@ -29,12 +29,7 @@ TINY = ROOT / "Testing" / ".tiny" / "minigptmed-loader"
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_minigptmed", ROOT / "scripts" / "make_tiny_minigptmed.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_tiny_minigptmed")
 
 
 @pytest.fixture(scope="module")
