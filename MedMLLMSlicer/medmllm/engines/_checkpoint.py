@@ -51,3 +51,20 @@ def check_tensors(what: str, expected: Shapes, found: Shapes, optional: Optional
         )
     if problems:
         raise EngineError(f"{what} does not match: " + " | ".join(problems))
+
+
+def require_memory(
+    model: str, params: int, dtype: Any, device: str, free: int, overhead: int, detail: str
+) -> int:
+    """Weights plus ~10% working memory and `overhead` bytes must fit in `free`, else a sentence
+    saying how much is needed; checked before a single weight is read. Returns the bytes needed."""
+    import torch
+
+    needed = int(params * torch.empty((), dtype=dtype).element_size() * 1.1) + overhead
+    if needed > free:
+        raise EngineError(
+            f"not enough memory on {device}: {model} needs about {needed / 2**30:.1f} GiB "
+            f"({detail} as {str(dtype).replace('torch.', '')}), {free / 2**30:.1f} GiB free; "
+            "use a GPU, --dtype bfloat16, or a machine with more memory"
+        )
+    return needed

@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from medmllm.engines._checkpoint import check_tensors
+from medmllm.engines._checkpoint import check_tensors, require_memory
 from medmllm.engines.base import EngineError
 from medmllm.engines.m3d.config import LamedConfig
 
@@ -128,18 +128,9 @@ def available_bytes(device: str) -> int:
 
 def check_memory(params: int, dtype: Any, device: str, available: Optional[int] = None) -> int:
     """Raise before loading when weights plus ~10% working memory cannot fit; returns the estimate."""
-    import torch
-
-    needed = int(params * torch.empty((), dtype=dtype).element_size() * 1.1) + (256 << 20)
     free = available_bytes(device) if available is None else available
-    if needed > free:
-        raise EngineError(
-            f"not enough memory on {device}: M3D-LaMed needs about {needed / 2**30:.1f} GiB "
-            f"({params / 1e9:.2f}B parameters as {str(dtype).replace('torch.', '')}), "
-            f"{free / 2**30:.1f} GiB free; "
-            "use a GPU, --dtype bfloat16, or a machine with more memory"
-        )
-    return needed
+    detail = f"{params / 1e9:.2f}B parameters"
+    return require_memory("M3D-LaMed", params, dtype, device, free, 256 << 20, detail)
 
 
 def resolve_device(device: Optional[str], dtype: Optional[str]) -> Tuple[str, Any]:

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from medmllm.engines._checkpoint import check_tensors, read_json_object, tensor_names
+from medmllm.engines._checkpoint import check_tensors, read_json_object, require_memory, tensor_names
 from medmllm.engines.base import EngineError
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
 
@@ -221,21 +221,13 @@ def check_memory(
     """Refuse before loading when the weights plus ~10% working memory cannot fit; returns bytes needed."""
     import math
 
-    import torch
-
     from medmllm.engines.m3d.loader import available_bytes
 
     llama = llama_parameters(llama_config)
     eva = sum(math.prod(shape) for shape in eva_shapes(config).values())
-    needed = int((llama + eva) * torch.empty((), dtype=dtype).element_size() * 1.1) + (512 << 20)
     free = available_bytes(device) if available is None else available
-    if needed > free:
-        raise EngineError(
-            f"not enough memory on {device}: MiniGPT-Med needs about {needed / 2**30:.1f} GiB (LLaMA "
-            f"{llama / 1e9:.2f}B + EVA {eva / 1e9:.2f}B parameters as {str(dtype).replace('torch.', '')}), "
-            f"{free / 2**30:.1f} GiB free; use a GPU, --dtype bfloat16, or a machine with more memory"
-        )
-    return needed
+    detail = f"LLaMA {llama / 1e9:.2f}B + EVA {eva / 1e9:.2f}B parameters"
+    return require_memory("MiniGPT-Med", llama + eva, dtype, device, free, 512 << 20, detail)
 
 
 def llama_config_of(folder: str) -> Any:
