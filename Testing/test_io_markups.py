@@ -20,18 +20,12 @@ from medmllm.io.markups import (
     write_roi_json,
 )
 
-SCHEMA_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "slicer" / "markups-schema-v1.0.3.json"
-)
+SCHEMA_PATH = Path(__file__).resolve().parent / "data" / "slicer" / "markups-schema-v1.0.3.json"
 
 
 @pytest.fixture(scope="module")
 def schema_path() -> Path:
-    if not SCHEMA_PATH.is_file():
-        pytest.fail(
-            f"Slicer's markups schema is missing at {SCHEMA_PATH}: clone the shared/ reference folder beside "
-            "the repository (CI does) so the ROI files can be checked against it"
-        )
+    """Slicer's markups schema, vendored in the repository (source and licence: Testing/data/slicer)."""
     return SCHEMA_PATH
 
 

@@ -17,9 +17,7 @@ from medmllm.io.segnrrd import read_seg_nrrd
 from medmllm.results import ResultWriter, answer_events, mask_bbox, roi_to_ijk
 from PIL import Image
 
-SCHEMA = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "slicer" / "markups-schema-v1.0.3.json"
-)
+SCHEMA = Path(__file__).resolve().parent / "data" / "slicer" / "markups-schema-v1.0.3.json"
 
 
 def _writer(tmp_path, matrix=None, question="where is the bone?"):
@@ -29,7 +27,6 @@ def _writer(tmp_path, matrix=None, question="where is the bone?"):
 
 
 def test_files_of_an_answer_with_boxes_and_masks(tmp_path):
-    assert SCHEMA.is_file(), f"markups schema missing at {SCHEMA} (shared/ must sit beside the repo)"
     writer, volume = _writer(tmp_path, oblique_matrix())
     box = IJKBox.from_voxels(*BONE_VOXELS)
     writer.add(TokenOut("It is here."))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from slicer_fakes import mrml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,3 +78,32 @@ def test_slicer_side_code_is_python39_syntax():
 
     for path in SLICER_SIDE:
         ast.parse(path.read_text(encoding="utf-8"), str(path), feature_version=(3, 9))
+
+
+def test_extensions_index_entry_matches_the_index_schema_and_cmake():
+    """The file submitted to Slicer's ExtensionsIndex, checked as the index's CI does: schema v1.0.2,
+    file name = CMake project name, category as in CMake, no dependencies since CMake has none."""
+    import json
+
+    import jsonschema
+
+    entry_path = ROOT / "ExtensionsIndex" / "MedMLLMSlicer.json"
+    entry = json.loads(entry_path.read_text(encoding="utf-8"))
+    schema_path = (
+        ROOT / "Testing" / "data" / "extensions-index" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
+    )
+    schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    jsonschema.validate(entry, schema)
+    assert entry["$schema"] == schema["$id"]
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert re.search(r"project\(\s*([^\s)]+)", cmake).group(1) == entry_path.stem
+    assert re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', cmake).group(1) == entry["category"]
+    assert re.search(r'set\(EXTENSION_DEPENDS "NA"\)', cmake) and "build_dependencies" not in entry
+    assert entry["scm_url"].startswith("https://") and entry["scm_url"] in cmake
+    for bad in (
+        {**entry, "homepage": "x"},
+        {k: v for k, v in entry.items() if k != "scm_url"},
+        {**entry, "tier": 7},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

@@ -89,3 +89,46 @@ def test_calls_with_an_argument_count_slicer_lacks_raise_type_error(fake_slicer)
     centre = [0.0, 0.0, 0.0]
     roi.GetCenterWorld(centre)  # both overloads exist: with an output array and without
     assert len(roi.GetCenterWorld()) == 3
+
+
+def test_the_fake_accepts_only_what_every_supported_release_has(fake_slicer):  # noqa: F811
+    """The manifest is the intersection of 5.8.1, 5.10.0, 5.12.3 and main (scripts/slicer_api_manifest.py):
+    names added after 5.8.1 are refused although main has them."""
+    from slicer_fakes.manifest import SUPPORTED_RELEASES
+
+    assert SUPPORTED_RELEASES == ("5.8.1", "5.10.0", "5.12.3", "main")
+    assert len({r["commit"] for r in mrml.MANIFEST["source"]["releases"].values()}) == 4
+    segment = fake_slicer.vtkSegment("s")
+    with pytest.raises(AttributeError, match="no method 'SetTerminology'"):
+        segment.SetTerminology("x")  # vtkSegment gained it in 5.10
+    for cls, name in (
+        ("vtkMRMLScene", "RemoveUnreferencedStorageNodes"),
+        ("vtkMRMLNode", "SetTypeDisplayName"),
+    ):
+        assert not mrml.manifest_allows(cls, name), f"{cls}.{name} is missing from 5.8.1"
+    assert mrml.manifest_allows("vtkSegment", "GetTerminologyEntryTagName", static=True)
+    segment.SetTag(fake_slicer.vtkSegment.GetTerminologyEntryTagName(), "entry")
+    assert segment.HasTag("TerminologyEntry")
+
+
+def test_fake_util_functions_take_only_parameters_every_release_has(fake_slicer):  # noqa: F811
+    """`slicer.util.pip_install(requirements)` has no keyword arguments before 5.12: the fake refuses them."""
+    import inspect
+    import re
+
+    for name, signature in mrml.MANIFEST["slicer.util"].items():
+        fake = getattr(type(fake_slicer.util), name, None)  # the class's: fixtures patch some instances
+        if fake is None or not callable(fake):
+            continue
+        fake = fake.__get__(fake_slicer.util)
+        allowed = set(re.findall(r"(\w+)\s*(?::[^,=)]*)?(?:=[^,)]*)?(?=[,)])", signature.split("(", 1)[1]))
+        fake_params = {
+            p.name
+            for p in inspect.signature(fake).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        }
+        assert fake_params <= allowed, f"slicer.util.{name}{signature}: fake has {fake_params - allowed}"
+        if "**" not in signature:
+            assert not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fake).parameters.values()), name
+    with pytest.raises(TypeError):
+        fake_slicer.util.pip_install(["x"], blocking=False)

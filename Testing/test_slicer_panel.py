@@ -63,7 +63,9 @@ def test_answer_lands_in_scene_with_links(panel, fake_slicer, live_server):  # n
     seg_node = fake_slicer.mrmlScene.GetNodeByID(answer.items[1].node_id)
     segment = seg_node.GetSegmentation().GetSegment(answer.items[1].segment_id)
     assert segment.GetName() == "Bone" and (segment.mask == (voxels > 300)).all()
-    assert "SCT^272673000^Bone" in segment.GetTerminology()
+    terminology = [""]
+    assert segment.GetTag(segment.GetTerminologyEntryTagName(), terminology)
+    assert "SCT^272673000^Bone" in terminology[0]
     assert np.allclose(segment.ijk_to_ras, ijk_to_ras)
     report = fake_slicer.mrmlScene.GetNodeByID(panel.scene.node.GetNodeReferenceID("MedMLLMSlicer.Report"))
     assert "scripted findings" in report.GetText()

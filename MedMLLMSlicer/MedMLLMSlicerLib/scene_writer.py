@@ -214,8 +214,8 @@ class ConversationScene:
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask, target, segment_id, volume)
         segment = segmentation.GetSegment(segment_id)
         segment.SetTag(LABEL_TAG, raw)
-        if term is not None:
-            segment.SetTerminology(term.entry)
+        if term is not None:  # the tag, not SetTerminology: that exists only from Slicer 5.10 on
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), term.entry)
         return Item("mask", name, node_id=target.GetID(), segment_id=segment_id)
 
     def set_report(self, markdown: str) -> Any:

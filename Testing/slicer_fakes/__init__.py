@@ -27,8 +27,8 @@ class _Util(types.ModuleType):
         super().__init__("slicer.util")
         self._slicer = slicer
 
-    def arrayFromVolume(self, volume_node: mrml.vtkMRMLVolumeNode) -> np.ndarray:
-        return volume_node._array
+    def arrayFromVolume(self, volumeNode: mrml.vtkMRMLVolumeNode) -> np.ndarray:
+        return volumeNode._array
 
     def vtkMatrixFromArray(self, narray: Any) -> mrml.FakeMatrix4x4:
         return mrml.FakeMatrix4x4(np.asarray(narray, dtype=float))
@@ -102,7 +102,8 @@ class _Util(types.ModuleType):
         children = widget.findChildren(QtCore.QObject)
         return types.SimpleNamespace(**{c.objectName(): c for c in children if c.objectName()})
 
-    def pip_install(self, requirements: Any, **kwargs: Any) -> None:
+    def pip_install(self, requirements: Any) -> None:
+        """Slicer 5.8/5.10's signature (no keywords); runs synchronously like theirs."""
         self._slicer.pip_requests.append(requirements)
 
 

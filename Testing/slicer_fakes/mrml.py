@@ -9,13 +9,13 @@ exist but are not implemented by the fake fail the same way (with a different me
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-MANIFEST = json.loads((Path(__file__).with_name("api-manifest.json")).read_text(encoding="utf-8"))
+from .manifest import MANIFEST
+from .signatures import signature_arity
+
 _CLASSES = MANIFEST["classes"]
 
 
@@ -38,42 +38,12 @@ def _is_vtk_name(name: str) -> bool:
     return name[:1].isupper()
 
 
-def _split_params(params: str) -> List[str]:
-    """Top-level comma split of a C++ parameter list (templates and arrays keep their commas)."""
-    parts, depth, current = [], 0, ""
-    for ch in params:
-        depth += (ch in "<([" and 1) or 0
-        depth -= (ch in ">)]" and 1) or 0
-        if ch == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += ch
-    parts.append(current)
-    return [p.strip() for p in parts if p.strip() and p.strip() != "void"]
-
-
-def _signature_arity(signature: str, name: str) -> Optional[Tuple[int, int]]:
-    """(fewest, most) arguments of one C++ declaration; None for macros (their overloads vary)."""
-    if "Macro(" in signature or f"{name}(" not in signature:
-        return None
-    inner = signature.split(f"{name}(", 1)[1]
-    depth = 1
-    for end, ch in enumerate(inner):
-        depth += (ch == "(") - (ch == ")")
-        if depth == 0:
-            inner = inner[:end]
-            break
-    params = _split_params(inner)
-    return sum("=" not in p for p in params), len(params)
-
-
 def call_arities(vtk_class: str, name: str) -> Optional[List[Tuple[int, int]]]:
     """Every overload's argument range along the class chain, or None when any is unknown."""
     arities = []
     for cls in _chain(vtk_class):
         for signature in _CLASSES[cls].get("signatures", {}).get(name, []):
-            arity = _signature_arity(signature, name)
+            arity = signature_arity(signature, name)
             if arity is None:
                 return None
             arities.append(arity)
@@ -463,11 +433,10 @@ class vtkSegment(FakeVTKObject):
     def HasTag(self, tag: str) -> bool:
         return tag in self._tags
 
-    def SetTerminology(self, entry: str) -> None:
-        self._tags["TerminologyEntry"] = str(entry)
-
-    def GetTerminology(self) -> str:
-        return self._tags.get("TerminologyEntry", "")
+    @staticmethod
+    def GetTerminologyEntryTagName() -> str:
+        """The tag every release stores a segment's terminology under (`vtkSegment.cxx`)."""
+        return "TerminologyEntry"
 
 
 class vtkSegmentation(FakeVTKObject):
