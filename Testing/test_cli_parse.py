@@ -39,15 +39,42 @@ def test_values_are_printed_as_written_and_chinese_is_kept(monkeypatch, capsys):
     assert '"values": [661, 528, 743, 599]' in out and "胰腺癌" in out
 
 
-def test_qwen_needs_and_uses_the_image_size(monkeypatch, capsys):
+def test_qwen_prints_values_as_written_and_maps_them_only_with_a_size(monkeypatch, capsys):
     text = '```json\n[{"bbox_2d": [10, 20, 500, 40], "label": "liver"}]\n```'
-    code, out, err = _run(monkeypatch, capsys, ["--dialect", "qwen25vl", "--image-size", "448x448"], text)
+    code, out, err = _run(monkeypatch, capsys, ["--dialect", "qwen25vl"], text)
+    assert (
+        code == 0
+        and err == ""
+        and json.loads(out)
+        == {
+            "boxes": [{"label": "liver", "values": [10, 20, 500, 40]}],
+            "seg_tokens": 0,
+            "warnings": [],
+        }
+    )
+    code, out, _ = _run(monkeypatch, capsys, ["--dialect", "qwen25vl", "--image-size", "448x448"], text)
     assert code == 0
     result = json.loads(out)
-    assert result["boxes"] == [{"label": "liver", "values": [10, 20, 500, 40]}]
+    (box,) = result["boxes"]
+    assert box["values"] == [10, 20, 500, 40] and box["pixels"] == [10, 20, 448, 40]
+    assert box["fractions"] == [round(10 / 448, 6), round(20 / 448, 6), 1.0, round(40 / 448, 6)]
     assert "clamped" in result["warnings"][0]
-    code, out, err = _run(monkeypatch, capsys, ["--dialect", "qwen25vl"], text)
-    assert code == 2 and out == "" and "--image-size" in err
+
+
+# MedRegA's chat() decodes with skip_special_tokens=True (xmed-lab/MedRegA@e90730c:
+# src/internvl/model/internvl_chat/modeling_internvl_chat.py), which turns demo answer id 9 into this.
+MEDREGA_STRIPPED = "right lung[[102, 106, 481, 910]], left lung[[535, 128, 923, 889]]: No focal consolidation"
+
+
+def test_the_bare_form_is_read_and_noted_and_keep_special_reads_tags_only(monkeypatch, capsys):
+    code, out, _ = _run(monkeypatch, capsys, ["--dialect", "internvl"], MEDREGA_STRIPPED)
+    result = json.loads(out)
+    assert code == 0 and [b["label"] for b in result["boxes"]] == ["right lung", "left lung"]
+    assert len(result["warnings"]) == 1 and "without <ref>/<box> tags" in result["warnings"][0]
+    code, out, _ = _run(monkeypatch, capsys, ["--dialect", "internvl", "--keep-special"], MEDREGA_STRIPPED)
+    assert code == 0 and json.loads(out) == {"boxes": [], "seg_tokens": 0, "warnings": []}
+    code, out, _ = _run(monkeypatch, capsys, ["--dialect", "internvl", "--keep-special"], MEDREGA_ZH)
+    assert [b["label"] for b in json.loads(out)["boxes"]] == ["胰腺癌"]
 
 
 @pytest.mark.parametrize(

@@ -101,9 +101,9 @@ def test_qwen_nested_objects_and_float_values():
     assert [(b.label, b.values) for b in result.boxes] == [("a", (1.5, 2, 3, 4)), (None, (5, 6, 7, 8))]
 
 
-def test_qwen_parser_needs_the_image_size():
-    with pytest.raises(ValueError, match="image_size"):
-        get_dialect("qwen25vl").parser()
+def test_qwen_parser_without_the_image_size_keeps_values_and_gives_no_fractions():
+    (box,) = get_dialect("qwen25vl").parse('{"bbox_2d": [10, 20, 900, 40], "label": "a"}').boxes
+    assert box.values == (10, 20, 900, 40) and box.fractions == ()
     with pytest.raises(ValueError, match="positive"):
         get_dialect("qwen25vl").parser((0, 10))
 

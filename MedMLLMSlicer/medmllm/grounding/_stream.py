@@ -26,7 +26,24 @@ Number = Union[int, float]
 
 _NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
 _TAG = re.compile(r"<[^<>]{0,40}>")
-_LENIENT_LABEL = re.compile(r"""['"]label['"]\s*:\s*['"]([^'"]*)['"]""")
+_CLOSING = {"{": "}", "[": "]"}
+LABEL_GAP = 40  # a label still names a box after this much prose between them, if no sentence ends
+_SENTENCE_END = re.compile(r"[.;:!?\n。；：！？]")
+# Keys that name a JSON box, most specific first: Qwen cookbooks write `label`, `name_en`/`name_zh`,
+# a nested `names: {en, zh}`, `text_content` (text spotting) or `sub_label`.
+_LABEL_KEYS = (
+    "label",
+    "name_en",
+    ("names", "en"),
+    "name",
+    "text_content",
+    "sub_label",
+    "name_zh",
+    ("names", "zh"),
+)
+_LENIENT_LABEL = re.compile(
+    r"""['"](?:label|name_en|name|text_content|sub_label|name_zh|en|zh)['"]\s*:\s*['"]([^'"]*)['"]"""
+)
 
 
 def snippet(text: str) -> str:
@@ -64,7 +81,7 @@ def _fmt(value: float) -> str:
 def box_events(
     label: Optional[str],
     values: Sequence[Number],
-    divisors: Sequence[float],
+    divisors: Optional[Sequence[float]],
     order: Sequence[int],
     span: Tuple[int, int],
     source: str,
@@ -74,13 +91,14 @@ def box_events(
     `divisors[i]` scales written value i to a fraction; `order` picks the written values that make
     the fractions (lo per axis, then hi per axis). Out-of-range values are clamped, reversed edges
     swapped; a zero extent is kept (with a warning) except for 3D boxes, whose max is an inclusive
-    voxel index so equal min and max mean one voxel thick.
+    voxel index so equal min and max mean one voxel thick. `divisors` None (a pixel grammar whose
+    image size is unknown) keeps the values as written and gives no fractions.
     """
     events: List[ParseEvent] = []
-    raw = [values[i] / divisors[i] for i in order]
-    clamped = [min(max(f, 0.0), 1.0) for f in raw]
+    raw = [values[i] / (divisors[i] if divisors else 1) for i in order]
+    clamped = [min(max(f, 0.0), 1.0) for f in raw] if divisors else raw
     if clamped != raw:
-        limits = sorted({_fmt(d) for d in divisors})
+        limits = sorted({_fmt(d) for d in divisors or ()})
         events.append(
             ParseWarning(f"box value out of range 0-{'/'.join(limits)}, clamped: {snippet(source)}")
         )
@@ -91,13 +109,15 @@ def box_events(
         lo, hi = [min(a, b) for a, b in zip(lo, hi)], [max(a, b) for a, b in zip(lo, hi)]
     if dims == 2 and any(a == b for a, b in zip(lo, hi)):
         events.append(ParseWarning(f"box has zero area, kept: {snippet(source)}"))
-    events.append(BoxFound(label, tuple(values), tuple(lo + hi), span[0], span[1]))
+    fractions = tuple(lo + hi) if divisors else ()
+    events.append(BoxFound(label, tuple(values), fractions, span[0], span[1]))
     return events
 
 
 @dataclass(frozen=True)
 class SpanRule:
-    """One kind of span. `closer` None means a JSON object closed by its matching brace; "" a lone token.
+    """One kind of span. `closer` None means balanced brackets: a JSON object (`{`) or a list (`[[`)
+    closed by the bracket that matches the opener's; "" a lone token.
 
     A weak span (a bare `[` or `{`) may well be ordinary prose: if it is not closed within
     `max_len` characters, or is cut by one of `abort_chars`, its opener is treated as text and
@@ -215,7 +235,7 @@ class StreamParser:
         self._emit_text(events, match.start())
         self._rule = self._by_opener[match.group()]
         self._scanned = len(match.group())
-        self._json_state = (1, False, False)
+        self._json_state = (match.group().count(match.group()[0]), False, False)
         return True
 
     def _partial_opener_tail(self, buf: str) -> int:
@@ -265,7 +285,7 @@ class StreamParser:
         if rule.closer == "":
             return len(rule.opener), -1
         if rule.closer is None:
-            end = self._json_end(window)
+            end = self._json_end(window, rule.opener[0])
             return (-1, len(window)) if end == -2 else (end, -1)
         start = max(len(rule.opener), self._scanned - len(rule.closer) + 1)
         pos = window.find(rule.closer, start)
@@ -281,9 +301,10 @@ class StreamParser:
             return -1, cut
         return (pos + len(rule.closer) if pos >= 0 else -1), -1
 
-    def _json_end(self, window: str) -> int:
-        """Position after the brace that balances the opening one, tracking JSON strings; -1 if not
-        yet, -2 if nesting is too deep to be a box."""
+    def _json_end(self, window: str, opener: str) -> int:
+        """Position after the bracket that balances the opening one, tracking JSON strings in objects;
+        -1 if not yet, -2 if nesting is too deep to be a box."""
+        close = _CLOSING[opener]
         depth, in_string, escaped = self._json_state
         for i in range(self._scanned, len(window)):
             ch = window[i]
@@ -294,13 +315,13 @@ class StreamParser:
                     escaped = True
                 elif ch == '"':
                     in_string = False
-            elif ch == '"':
+            elif ch == '"' and opener == "{":
                 in_string = True
-            elif ch == "{":
+            elif ch == opener:
                 depth += 1
                 if depth > _JSON_MAX_DEPTH:
                     return -2
-            elif ch == "}":
+            elif ch == close:
                 depth -= 1
                 if depth == 0:
                     return i + 1
@@ -311,17 +332,28 @@ class StreamParser:
 class LabelledParser(StreamParser):
     """For grammars that name a box just before it (`<p>x</p> {..}`, `<ref>x</ref><box>..`).
 
-    The label holds for the boxes right after it and is forgotten at the first word of prose,
-    so a phrase mentioned in passing never names a later, unrelated box.
+    The label holds for the boxes after it across a short bridge of prose, as real answers write
+    it (`<ref>X</ref> is located in <box>..`), and is forgotten where a sentence ends or after
+    `LABEL_GAP` characters, so a phrase mentioned in passing never names a later, unrelated box.
     """
 
     def __init__(self, keep_display: bool = False) -> None:
         super().__init__(keep_display)
-        self.label: Optional[str] = None
+        self._label: Optional[str] = None
+        self._gap = 0
+
+    @property
+    def label(self) -> Optional[str]:
+        return self._label
+
+    @label.setter
+    def label(self, value: Optional[str]) -> None:
+        self._label, self._gap = value, 0
 
     def on_text(self, text: str, start: int) -> List[ParseEvent]:
-        if any(ch.isalnum() for ch in text):
-            self.label = None
+        self._gap += len(text)
+        if self._gap > LABEL_GAP or _SENTENCE_END.search(text):
+            self._label = None
         return []
 
 
@@ -329,17 +361,21 @@ class JsonBoxParser(StreamParser):
     """JSON objects that carry a box under `key` (Qwen `bbox_2d`, MedGemma `box_2d`), anywhere in prose.
 
     Each top-level `{...}` is read when its brace closes; objects without `key` are plain text.
-    Invalid JSON (single quotes, trailing commas) is read leniently, with a warning.
+    Invalid JSON (single quotes, trailing commas) is read leniently, with one warning per answer
+    (Qwen's own cookbook answers put a trailing comma in every object).
     """
 
     key = ""
     extra_rules: Tuple[SpanRule, ...] = ()
 
-    def __init__(self, divisors: Sequence[float], order: Sequence[int], keep_display: bool = False) -> None:
+    def __init__(
+        self, divisors: Optional[Sequence[float]], order: Sequence[int], keep_display: bool = False
+    ) -> None:
         self.rules = (SpanRule("{", None, max_len=2048, weak=True), *self.extra_rules)
         super().__init__(keep_display)
-        self._divisors = tuple(divisors)
+        self._divisors = tuple(divisors) if divisors else None
         self._order = tuple(order)
+        self._lenient_noted = False
 
     def on_span(self, rule: SpanRule, body: str, start: int, end: int) -> Tuple[List[ParseEvent], str]:
         source = "{" + body + "}"
@@ -378,6 +414,9 @@ class JsonBoxParser(StreamParser):
             found.append((clean_label(label.group(1)) if label else None, numbers))
         if not found:
             return [], [ParseWarning(f"malformed {self.key}: {snippet(source)}")]
+        if self._lenient_noted:
+            return found, []
+        self._lenient_noted = True
         return found, [ParseWarning(f"invalid JSON, {self.key} read leniently: {snippet(source)}")]
 
 
@@ -393,12 +432,22 @@ def _collect(value: object, key: str) -> List[Tuple[Optional[str], List[Number]]
             numbers = box if isinstance(box, list) else []
             if not all(_finite_number(v) for v in numbers):
                 numbers = []
-            label = value.get("label")
-            found.append((clean_label(label if isinstance(label, str) else None), list(numbers)))
+            found.append((_json_label(value), list(numbers)))
         for item in value.values():
             if isinstance(item, (list, dict)):
                 found += _collect(item, key)
     return found
+
+
+def _json_label(box: dict) -> Optional[str]:
+    """The first of `_LABEL_KEYS` that holds a string in a JSON box object."""
+    for key in _LABEL_KEYS:
+        value: object = box
+        for part in (key,) if isinstance(key, str) else key:
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str) and clean_label(value):
+            return clean_label(value)
+    return None
 
 
 def _finite_number(value: object) -> bool:

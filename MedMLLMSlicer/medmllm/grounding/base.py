@@ -26,7 +26,8 @@ class BoxFound:
     `fractions`: the box normalised to the image the model saw, as voxel/pixel *edge* fractions
     in [0, 1]: 2D dialects give (x0, y0, x1, y1) with x along image columns and y along rows
     (top row = 0); the m3d dialect gives (d0, h0, w0, d1, h1, w1) exactly as M3D writes them
-    (index / size, max inclusive; `medmllm.geometry.m3d_grid` knows how to invert that).
+    (index / size, max inclusive; `medmllm.geometry.m3d_grid` knows how to invert that). Empty
+    when a pixel grammar was parsed without the image size.
     """
 
     label: Optional[str]
@@ -82,8 +83,11 @@ class Dialect(ABC):
     tasks: Tuple[str, ...] = ("chat", "report")
 
     @abstractmethod
-    def parser(self, image_size: Optional[ImageSize] = None) -> StreamParser:
-        """A fresh streaming parser for one answer; `image_size` (width, height) for pixel grammars."""
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> StreamParser:
+        """A fresh streaming parser for one answer; `image_size` (width, height) for pixel grammars.
+
+        Grammars whose markup are tokenizer special tokens (internvl, m3d) also read the bare form a
+        `skip_special_tokens=True` decode leaves, unless `keep_special` says the text kept them."""
 
     @abstractmethod
     def format_region(self, fractions: Sequence[float], image_size: Optional[ImageSize] = None) -> str:
@@ -122,9 +126,11 @@ class Dialect(ABC):
         """Dialect-specific tidying of the assembled display text (before whitespace is collapsed)."""
         return text
 
-    def parse(self, text: str, image_size: Optional[ImageSize] = None) -> ParseResult:
+    def parse(
+        self, text: str, image_size: Optional[ImageSize] = None, keep_special: bool = False
+    ) -> ParseResult:
         """Parse a whole answer at once (the streaming parser fed one chunk)."""
-        parser = self.parser(image_size)
+        parser = self.parser(image_size, keep_special)
         result = ParseResult()
         result.add(parser.feed(text))
         result.add(parser.finish())

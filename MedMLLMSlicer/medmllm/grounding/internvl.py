@@ -7,6 +7,12 @@ the unpadded image. Upstream InternVL divides by 1000 (0.1 % apart). A paper fig
 `[[[...]]]`, so bracket depth is tolerated. Prompt preambles are the `base_prompt` strings of
 `src/shell/meta_file.json` and `demo_data/data_file.jsonl` (English and Chinese). The `<image>`
 placeholder is left out: OpenAI-compatible servers put the image first, as in training.
+
+`<ref>`, `</ref>`, `<box>`, `</box>` are special tokens of the InternVL tokenizer, so MedRegA's own
+`chat()` (`batch_decode(..., skip_special_tokens=True)` in `modeling_internvl_chat.py`) and servers
+that decode the same way (vLLM's default) print `label[[x1, y1, x2, y2], ...]`. MedRegA's
+evaluator reads exactly that (`evaluator_reg.py:PATTERN_REGCAP`: the phrase before a `[[...]]` list
+of 4-integer groups), and so does this parser unless told the special tokens were kept.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import re
 from typing import List, Optional, Sequence, Tuple
 
 from medmllm.grounding._stream import (
+    LABEL_CHARS,
     LabelledParser,
     SpanRule,
     box_events,
@@ -28,7 +35,18 @@ from medmllm.grounding.base import BoxFound, Dialect, ImageSize, ParseEvent, Par
 SCALE = 999
 _REF = SpanRule("<ref>", "</ref>", max_len=300)
 _BOX = SpanRule("<box>", "</box>", max_len=2048)
+_LIST = SpanRule("[[", None, max_len=1024, weak=True, abort_chars='<>{}"\n')
 _BOX_CHARS = re.compile(r"[\s\[\],.\d+-]*")
+# The phrase that names a bare list: after the last clause break, without bridging words.
+_CLAUSE = re.compile(r".*[,，;；:：.。!！?？、()（）\n]", re.DOTALL)
+_BRIDGE_HEAD = re.compile(r"^(?:sure\s+)?(?:the\s+region\s+of|the\s+location\s+of|the|a|an)\s+", re.I)
+_BRIDGE_TAIL = re.compile(
+    r"(?:\s+(?:is|are|was|were|lies|lie|located|seen|found|at|in|on|within|of|shown|as|here))+\s*$", re.I
+)
+UNTAGGED_NOTE = (
+    "read boxes written without <ref>/<box> tags (label[[x1, y1, x2, y2]]), as servers print them "
+    "when they drop special tokens: labels are the phrase before each list"
+)
 _CJK = re.compile(r"[\u3400-\u9fff]")
 
 _COORDS = (
@@ -64,25 +82,64 @@ _ZH = {
 
 
 class InternVLParser(LabelledParser):
-    rules = (_REF, _BOX)
+    """Both forms: tagged `<ref>X</ref><box>[[..]]</box>` and, unless `keep_special`, bare `X[[..]]`."""
+
+    def __init__(self, keep_display: bool = False, keep_special: bool = False) -> None:
+        self.rules = (_REF, _BOX) if keep_special else (_REF, _BOX, _LIST)
+        super().__init__(keep_display)
+        self._tail = ""
+        self._noted = False
+
+    def on_text(self, text: str, start: int) -> List[ParseEvent]:
+        self._tail = (self._tail + text)[-2 * LABEL_CHARS :]
+        return super().on_text(text, start)
 
     def on_span(self, rule: SpanRule, body: str, start: int, end: int) -> Tuple[List[ParseEvent], str]:
+        if rule is _LIST:
+            return self._bare_list(body, start, end)
+        self._tail = ""
         if rule is _REF:
             self.label = clean_label(body)
             return [], self.label or ""
         source = "<box>" + body + "</box>"
-        groups = re.findall(r"\[([^\[\]]*)\]", body)
-        if not _BOX_CHARS.fullmatch(body) or not groups:
+        if not _BOX_CHARS.fullmatch(body) or not re.search(r"\[[^\[\]]*\]", body):
             return [ParseWarning(f"malformed box: {snippet(source)}")], ""
+        return self._boxes(self.label, start, end, source)
+
+    def _bare_list(self, body: str, start: int, end: int) -> Tuple[List[ParseEvent], str]:
+        """`phrase[[x1, y1, x2, y2], ...]`; a list with anything but numbers (a prompt template's
+        `[[x1, y1, x2, y2]]`) is prose."""
+        source = "[[" + body + "]"
+        if not _BOX_CHARS.fullmatch(body) or not re.search(r"\d", body):
+            self.on_text(source, start)
+            return [], source
+        label = self.label or _phrase(self._tail)
+        self._tail = ""
+        events, shown = self._boxes(label, start, end, source)
+        if not self._noted and any(isinstance(e, BoxFound) for e in events):
+            self._noted = True
+            events.insert(0, ParseWarning(UNTAGGED_NOTE))
+        return events, shown
+
+    def _boxes(self, label: Optional[str], start: int, end: int, source: str) -> Tuple[List[ParseEvent], str]:
+        groups = re.findall(r"\[([^\[\]]*)\]", source)
         events: List[ParseEvent] = []
         for group in groups:
             numbers = parse_numbers(group)
             if numbers is None or len(numbers) != 4:
                 events.append(ParseWarning(f"box needs 4 numbers: {snippet('[' + group + ']')}"))
                 continue
-            events += box_events(self.label, numbers, (SCALE,) * 4, range(4), (start, end), source)
+            events += box_events(label, numbers, (SCALE,) * 4, range(4), (start, end), source)
         found = any(isinstance(e, BoxFound) for e in events)
-        return events, "[box]" if found and not self.label else ""
+        return events, "[box]" if found and not label else ""
+
+
+def _phrase(text: str) -> Optional[str]:
+    """The name a bare list carries: the clause right before it, bridging words removed
+    ("The region of left kidney is" -> "left kidney")."""
+    phrase = _CLAUSE.sub("", text).strip()
+    phrase = _BRIDGE_TAIL.sub("", _BRIDGE_HEAD.sub("", phrase))
+    return clean_label(phrase)
 
 
 class InternVLDialect(Dialect):
@@ -92,8 +149,8 @@ class InternVLDialect(Dialect):
     )
     tasks = ("chat", "ground", "region", "report")
 
-    def parser(self, image_size: Optional[ImageSize] = None) -> InternVLParser:
-        return InternVLParser()
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> InternVLParser:
+        return InternVLParser(keep_special=keep_special)
 
     def _display_parser(self) -> InternVLParser:
         return InternVLParser(keep_display=True)

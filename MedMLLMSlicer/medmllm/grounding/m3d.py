@@ -38,10 +38,13 @@ _TARGET = re.compile(
 
 
 class M3DParser(StreamParser):
+    """`<bx_start>` boxes, `[SEG]`, and (unless `keep_special`) the bare list a stripped decode leaves."""
+
     rules = (_BOX, _BARE)
 
-    def __init__(self, keep_display: bool = False) -> None:
+    def __init__(self, keep_display: bool = False, keep_special: bool = False) -> None:
         super().__init__(keep_display)
+        self._bare_boxes = not keep_special
         self._recent = ""
 
     def on_text(self, text: str, start: int) -> List[ParseEvent]:
@@ -54,7 +57,7 @@ class M3DParser(StreamParser):
         if rule is _BARE:
             if body.strip() == "SEG":
                 return [SegFound(label, start, end)], "[mask]"
-            numbers = parse_numbers(body)
+            numbers = parse_numbers(body) if self._bare_boxes else None
             if numbers is None or len(numbers) != 6:
                 self.on_text(source, start)
                 return [], source
@@ -68,7 +71,8 @@ class M3DParser(StreamParser):
         return box_events(label, numbers, (1,) * 6, range(6), (start, end), source), "[box]"
 
     def on_unclosed(self, rule: SpanRule, text: str) -> List[ParseEvent]:
-        if rule is _BARE and parse_numbers(text[1:].rstrip(", ")) is not None and "\n" not in text:
+        bare_box = rule is _BARE and self._bare_boxes and "\n" not in text
+        if bare_box and parse_numbers(text[1:].rstrip(", ")) is not None:
             return [ParseWarning(f"truncated M3D box dropped: {snippet(text)}")]
         return super().on_unclosed(rule, text)
 
@@ -84,8 +88,8 @@ class M3DDialect(Dialect):
     )
     tasks = ("chat", "ground", "region", "report", "segment")
 
-    def parser(self, image_size: Optional[ImageSize] = None) -> M3DParser:
-        return M3DParser()
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> M3DParser:
+        return M3DParser(keep_special=keep_special)
 
     def _display_parser(self) -> M3DParser:
         return M3DParser(keep_display=True)

@@ -53,7 +53,7 @@ class MedGemmaDialect(Dialect):
     coordinate_range = "integers 0-1000 of the padded square image, order y0, x0, y1, x1"
     tasks = ("chat", "ground", "region", "report")
 
-    def parser(self, image_size: Optional[ImageSize] = None) -> MedGemmaParser:
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> MedGemmaParser:
         return MedGemmaParser((SCALE,) * 4, (1, 0, 3, 2))
 
     def _display_parser(self) -> MedGemmaParser:

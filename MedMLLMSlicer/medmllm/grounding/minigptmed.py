@@ -55,7 +55,7 @@ class MiniGPTMedDialect(Dialect):
     coordinate_range = "integers 0-100 of the slice width and height, order x1, y1, x2, y2"
     tasks = ("chat", "ground", "region", "report")
 
-    def parser(self, image_size: Optional[ImageSize] = None) -> MiniGPTMedParser:
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> MiniGPTMedParser:
         return MiniGPTMedParser()
 
     def _display_parser(self) -> MiniGPTMedParser:

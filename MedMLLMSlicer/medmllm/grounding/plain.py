@@ -20,7 +20,7 @@ class PlainDialect(Dialect):
     coordinate_range = "none (no boxes)"
     tasks = ("chat", "report")
 
-    def parser(self, image_size: Optional[ImageSize] = None) -> PlainParser:
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> PlainParser:
         return PlainParser()
 
     def _display_parser(self) -> PlainParser:

@@ -33,7 +33,11 @@ class Qwen25VLDialect(Dialect):
     )
     tasks = ("chat", "ground", "region", "report")
 
-    def parser(self, image_size: Optional[ImageSize] = None) -> QwenParser:
+    def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> QwenParser:
+        """Without `image_size` boxes carry their written values only (no fractions): enough for
+        `medmllm parse`; the engine always passes the size of the image it sent."""
+        if image_size is None:
+            return QwenParser(None, range(4))
         width, height = check_image_size(image_size, self.name)
         return QwenParser((width, height, width, height), range(4))
 
