@@ -391,3 +391,51 @@ def test_selection_and_conversation_live_in_the_parameter_node(panel, fake_slice
     scene.Clear()
     assert scene.GetSingletonNode("MedMLLMSlicer", "vtkMRMLScriptedModuleNode") is node
     assert node.GetNodeReferenceID("volume") is None and panel.params.volume is None
+
+
+def test_conversation_survives_scene_save_and_load(panel, fake_slicer, live_server):  # noqa: F811
+    """The chat JSON (over 256 characters) lives in a storage file that Import reads after every
+    NodeAddedEvent: the panel must wait for EndImportEvent, then show the stored conversation, and
+    the next Send must extend it, not overwrite it."""
+    scene = fake_slicer.mrmlScene
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, live_server.url)
+    _ask(panel, "show the box please")
+    before = panel.conversation
+    assert len(before.to_json()) > 256
+    scene.SetURL("memory://chat.mrml")
+    scene.Commit()
+    scene.Clear()
+    assert panel.conversation.turns == []
+    scene.Import()
+    assert "Could not restore" not in panel.status_label.text()
+    assert panel.conversation.turns == before.turns and panel.scene is not None
+    _ask(panel, "and again")
+    assert [t.role for t in panel.scene.load().turns] == ["user", "assistant"] * 2
+
+
+def test_new_conversation_stays_new_when_nodes_are_added(panel, fake_slicer, live_server):  # noqa: F811
+    """Placing an ROI or Segment Editor's temporary labelmap adds nodes: only a volume change may
+    switch conversations."""
+    scene = fake_slicer.mrmlScene
+    add_phantom(fake_slicer, *phantom_ct())
+    _connect(panel, live_server.url)
+    _ask(panel, "hello")
+    panel.new_conversation()
+    scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "placed")
+    scene.AddNewNodeByClass("vtkMRMLTextNode", "something else")
+    assert panel.scene is None and panel.conversation.turns == []
+    _ask(panel, "fresh start")
+    conversations = [n for n in scene.nodes("vtkMRMLTextNode") if n.GetAttribute("MedMLLMSlicer.Role")]
+    assert len([n for n in conversations if n.GetAttribute("MedMLLMSlicer.Role") == "conversation"]) == 2
+    assert [t.text for t in panel.conversation.turns if t.role == "user"] == ["fresh start"]
+
+
+def test_volume_without_image_data_is_a_notice_not_a_crash(panel, fake_slicer, live_server):  # noqa: F811
+    empty = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "being loaded")
+    panel.select_volume(empty)
+    _connect(panel, live_server.url)
+    panel.input.setPlainText("hello")
+    panel.send()
+    assert panel.job is None and "has no image data" in _notices(panel)[-1]
+    assert live_server.engine.calls == []

@@ -78,7 +78,7 @@ def test_masks_append_and_never_overwrite_user_segments(writer, fake_slicer):  #
     assert (segmentation.GetSegment(second.segment_id).mask == bone).all()
     assert np.allclose(segmentation.GetSegment(second.segment_id).ijk_to_ras, ijk_to_ras)
     assert seg_node.GetNodeReferenceID("referenceImageGeometryRef") == volume.GetID()
-    assert fake_slicer.mrmlScene.undo_points == 2
+    assert fake_slicer.mrmlScene.GetNumberOfUndoLevels() == 0, "Slicer's undo flag is off by default"
     assert len(fake_slicer.mrmlScene.nodes("vtkMRMLSegmentationNode")) == 1
 
 
@@ -165,13 +165,15 @@ def test_volume_deleted_or_scene_closed_refuses_results(writer, fake_slicer):  #
         conv.set_report("x")
 
 
-def test_focus_centres_slice_views_and_selects(writer, fake_slicer):  # noqa: F811
+def test_focus_jumps_the_slice_views_through_the_markups_logic(writer, fake_slicer):  # noqa: F811
+    """Slicer's own jump (`JumpSlicesToLocation`, centred, every view group), not a loop over slice
+    nodes plus `SetSelected` (which shows nothing)."""
     sw, _volume, conv = writer
     box = conv.add_box(_box_event(center=(10.0, -5.0, 2.5)), 0)
     assert sw.focus(box).startswith("centred on bone block")
+    assert fake_slicer.modules.markups.logic().jumps == [(10.0, -5.0, 2.5, True, -1)]
     for view in fake_slicer.mrmlScene.nodes("vtkMRMLSliceNode"):
         assert view.jumps[-1] == (10.0, -5.0, 2.5)
-    assert fake_slicer.mrmlScene.GetNodeByID(box.node_id).GetSelected() == 1
     voxels, ijk_to_ras = phantom_ct()
     mask = conv.add_mask(_mask_event("bone", voxels > 300, ijk_to_ras))
     sw.focus(mask)
@@ -231,3 +233,51 @@ def test_empty_masks_are_a_notice_and_an_emptied_segment_focuses_with_a_sentence
     segment = conv.segmentation().GetSegmentation().GetSegment(item.segment_id)
     segment.mask[:] = False  # the user erased it in Segment Editor
     assert "is empty" in sw.focus(item)
+
+
+def test_no_undo_point_is_promised_while_slicer_keeps_undo_off(writer, fake_slicer):  # noqa: F811
+    """`SaveStateForUndo` does nothing with the scene's undo flag off (Slicer's default): neither the
+    code nor the docs may say that a mask comes "after an undo point"."""
+    from pathlib import Path
+
+    sw, _volume, conv = writer
+    voxels, ijk_to_ras = phantom_ct()
+    conv.add_mask(_mask_event("bone", voxels > 300, ijk_to_ras))
+    assert fake_slicer.mrmlScene.GetUndoFlag() is False and fake_slicer.mrmlScene.GetNumberOfUndoLevels() == 0
+    root = Path(__file__).resolve().parents[1]
+    for path in (Path(sw.__file__), root / "docs" / "slicer-module.md", root / "README.md"):
+        assert "after an undo point" not in path.read_text(encoding="utf-8"), path
+
+
+def test_findings_survive_import_into_a_scene_that_renames_their_ids(writer, fake_slicer):  # noqa: F811
+    """Loading a saved scene into a non-empty one renames clashing IDs: the chat's links must still
+    reach the imported nodes, not the scene's nodes that now hold the old IDs."""
+    sw, _volume, conv = writer
+    scene = fake_slicer.mrmlScene
+    voxels, ijk_to_ras = phantom_ct()
+    box = conv.add_box(_box_event(center=(10.0, -5.0, 2.5)), 0)
+    mask = conv.add_mask(_mask_event("bone", voxels > 300, ijk_to_ras))
+    from MedMLLMSlicerLib.conversation import Conversation, Turn
+
+    conv.save(Conversation(turns=[Turn("user", "q"), Turn("assistant", "a", [box, mask])]))
+    scene.SetURL("memory://saved.mrml")
+    scene.Commit()
+    scene.GetNodeByID(box.node_id).SetCenter(99.0, 99.0, 99.0)  # the scene's own node moves on
+    scene.Import()  # the saved scene again, into this (non-empty) scene
+    conversations = [n for n in scene.nodes("vtkMRMLTextNode") if n.GetAttribute(sw.ROLE) == "conversation"]
+    imported = sw.ConversationScene(conversations[-1])
+    assert imported.node is not conv.node and imported.node.GetID() != conv.node.GetID()
+    items = imported.load().turns[-1].items
+    assert sw.focus(items[0]).startswith("centred on bone block")
+    assert scene.nodes("vtkMRMLSliceNode")[0].jumps[-1] == (10.0, -5.0, 2.5), "centred on the imported box"
+    assert items[1].node_id == imported.node.GetNodeReferenceID(sw.REF_SEGMENTATION) != mask.node_id
+    scene.RemoveNode(scene.GetNodeByID(items[0].node_id))
+    assert "no longer in the scene" in sw.focus(imported.load().turns[-1].items[0])
+
+
+def test_a_volume_without_image_data_is_a_sentence(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib import scene_writer as sw
+
+    empty = fake_slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "no voxels yet")
+    with pytest.raises(sw.SceneError, match="has no image data"):
+        sw.volume_arrays(empty)

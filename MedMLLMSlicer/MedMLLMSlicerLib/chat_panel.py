@@ -107,6 +107,7 @@ class ChatPanel:
         self._checked: set = set()  # servers that passed the version handshake
         self._pending: Optional[Callable[[], None]] = None
         self._dirty = False
+        self._shown_volume_id: Optional[str] = None  # the volume whose conversation is shown
         self._observers: List[int] = []
         self.widget = qt.QWidget(parent)
         layout = qt.QVBoxLayout(self.widget)
@@ -265,15 +266,22 @@ class ChatPanel:
             (scene.NodeRemovedEvent, self._node_removed),
             (scene.StartCloseEvent, self._scene_closing),
             (scene.EndCloseEvent, self._scene_changed),
+            (scene.EndImportEvent, self._scene_changed),
         ):
             self._observers.append(scene.AddObserver(event, callback))
 
+    @staticmethod
+    def _scene_busy() -> bool:
+        """Closing, or importing: Import reads text nodes' storage files only after every
+        NodeAddedEvent, so nodes seen during it are incomplete; EndImportEvent refreshes."""
+        return bool(slicer.mrmlScene.IsClosing() or slicer.mrmlScene.IsImporting())
+
     def _scene_changed(self, *_: Any) -> None:
-        if not slicer.mrmlScene.IsClosing():
+        if not self._scene_busy():
             self.refresh_nodes()
 
     def _node_removed(self, *_: Any) -> None:
-        if slicer.mrmlScene.IsClosing():
+        if self._scene_busy():
             return
         if self.job is not None and self.scene is not None and self.scene.volume is None:
             self._abort("the volume was deleted: the answer was stopped")
@@ -283,6 +291,7 @@ class ChatPanel:
         if self.job is not None:
             self._abort("the scene was closed: the answer was stopped")
         self.scene = None
+        self._shown_volume_id = None
         self.conversation = Conversation()
         self._dirty = True
 
@@ -321,19 +330,18 @@ class ChatPanel:
         return slicer.mrmlScene.GetNodeByID(node_id) if node_id else None
 
     def _volume_changed(self) -> None:
+        """Only a change of volume switches conversations (not any node added, which would undo
+        "New conversation")."""
         volume = self.volume_node()
         if self.job is not None:
             return
         self.params.volume = volume
-        if volume is None:
+        volume_id = volume.GetID() if volume is not None else None
+        if volume_id == self._shown_volume_id:
             return
-        if (
-            self.scene is not None
-            and self.scene.volume is not None
-            and self.scene.volume.GetID() == volume.GetID()
-        ):
-            return
-        self._show_scene(self._stored_conversation(volume))
+        self._shown_volume_id = volume_id
+        if volume is not None:
+            self._show_scene(self._stored_conversation(volume))
 
     def _stored_conversation(self, volume: Any) -> Optional[scene_writer.ConversationScene]:
         """The parameter node's conversation if it is about `volume`, else the volume's latest one."""
@@ -594,7 +602,7 @@ class ChatPanel:
         self.input.setPlainText("")
         handshake = None if url in self._checked else (lambda: self._handshake(client, url))
         self.job = ChatJob(
-            self.dispatcher, client, lambda: slicer.util.arrayFromVolume(volume), ijk_to_ras, request,
+            self.dispatcher, client, lambda: scene_writer.live_voxels(volume), ijk_to_ras, request,
             slicer.util.tempDirectory("MedMLLMSlicer", includeDateTime=False), self._on_event,
             self._on_end, handshake,
         )  # fmt: skip

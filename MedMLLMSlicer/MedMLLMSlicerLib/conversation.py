@@ -25,6 +25,7 @@ class Item:
     node_id: str = ""
     segment_id: str = ""
     center: Optional[List[float]] = None
+    ref: str = ""  # reference role on the conversation node: follows the node through scene import
 
 
 @dataclass

@@ -3,12 +3,16 @@
 One conversation = one vtkMRMLTextNode holding the chat JSON (saved with the scene), placed in a
 Subject Hierarchy folder under the volume's study, with references to its Segmentation node (one
 per conversation, reference geometry = the volume) and its report node. New masks are always
-*appended* as new segments, renamed "name (2)" on a clash, after an undo point: a user's edited
-segment is never overwritten. Only MRML methods listed in Slicer's API manifest are used.
+*appended* as new segments, renamed "name (2)" on a clash: a user's edited segment is never
+overwritten (no scene undo point is made: Slicer keeps scene undo off, so it would do nothing).
+Each finding is also a node reference of the conversation node, because loading a scene into a
+non-empty one renames clashing node IDs and only references follow. Only MRML methods that every
+supported Slicer release has are used (5.8.1 .. main, see Testing/slicer_fakes/manifest.py).
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -22,6 +26,7 @@ LABEL_TAG = "MedMLLMSlicer.Label"
 REF_VOLUME = "MedMLLMSlicer.Volume"
 REF_SEGMENTATION = "MedMLLMSlicer.Segmentation"
 REF_REPORT = "MedMLLMSlicer.Report"
+REF_FINDING = "MedMLLMSlicer.Finding."  # + a key per finding: one reference role each
 PALETTE = ((0.95, 0.6, 0.1), (0.2, 0.7, 0.95), (0.55, 0.85, 0.3), (0.9, 0.3, 0.6), (0.7, 0.5, 0.95))
 
 
@@ -36,10 +41,19 @@ def volume_arrays(volume_node: Any) -> Tuple[np.ndarray, np.ndarray]:
         raise SceneError("select a volume first")
     if volume_node.GetParentTransformNode() is not None:
         raise SceneError("the volume is under a transform: harden the transform first (Data module)")
-    voxels = slicer.util.arrayFromVolume(volume_node)
-    if voxels is None or voxels.ndim != 3:
+    voxels = live_voxels(volume_node)
+    if voxels is None:
+        raise SceneError(f"volume '{volume_node.GetName()}' has no image data (is it still loading?)")
+    if voxels.ndim != 3:
         raise SceneError("the selected volume has no 3D scalar voxels")
     return voxels, _ijk_to_ras(volume_node)
+
+
+def live_voxels(volume_node: Any) -> Optional[np.ndarray]:
+    """`arrayFromVolume`, or None for a node without image data (where Slicer's raises)."""
+    if volume_node.GetImageData() is None:
+        return None
+    return slicer.util.arrayFromVolume(volume_node)
 
 
 def _ijk_to_ras(volume_node: Any) -> np.ndarray:
@@ -50,7 +64,7 @@ def _ijk_to_ras(volume_node: Any) -> np.ndarray:
 
 def _check_same_grid(volume_node: Any, label: str, mask: np.ndarray, ijk_to_ras: Any) -> None:
     """Masks are written on the volume's own grid; anything else means the volume changed meanwhile."""
-    voxels = slicer.util.arrayFromVolume(volume_node)
+    voxels = live_voxels(volume_node)
     same = (
         voxels is not None
         and mask.shape == voxels.shape
@@ -148,7 +162,21 @@ class ConversationScene:
             self.node.SetText(conversation.to_json())
 
     def load(self) -> Conversation:
-        return Conversation.from_json(self.node.GetText())
+        """The stored conversation, its findings' node IDs refreshed from the node references
+        (an import may have renamed them; "" when the node was deleted)."""
+        conversation = Conversation.from_json(self.node.GetText())
+        for turn in conversation.turns:
+            for item in turn.items:
+                if item.ref:
+                    node = self.node.GetNodeReference(item.ref)
+                    item.node_id = node.GetID() if node is not None else ""
+        return conversation
+
+    def _reference(self, node: Any) -> str:
+        """A new reference role on the conversation node pointing at a finding's node."""
+        role = REF_FINDING + uuid.uuid4().hex[:12]
+        self.node.SetNodeReferenceID(role, node.GetID())
+        return role
 
     def add_box(self, event: Dict[str, Any], index: int) -> Item:
         """A box event's RAS ROI as a Markups ROI node named after its label."""
@@ -169,7 +197,8 @@ class ConversationScene:
         node.CreateDefaultDisplayNodes()
         node.GetDisplayNode().SetSelectedColor(*self._color(event, index))
         self._place(node)
-        return Item("box", label, node_id=node.GetID(), center=[float(v) for v in center])
+        center = [float(v) for v in center]
+        return Item("box", label, node_id=node.GetID(), center=center, ref=self._reference(node))
 
     @staticmethod
     def _color(event: Dict[str, Any], index: int) -> Sequence[float]:
@@ -194,7 +223,7 @@ class ConversationScene:
 
     def add_mask(self, event: Dict[str, Any]) -> Item:
         """A mask event (voxels already read on a worker thread) as a new segment of the conversation's
-        segmentation: always appended after an undo point, never overwriting a user's segment; name,
+        segmentation: always appended, never overwriting a user's segment; name,
         colour and terminology from Slicer's terminology when the model's phrase matches one."""
         volume = self._check_alive()
         raw = str(event.get("label") or "mask")
@@ -209,14 +238,13 @@ class ConversationScene:
         taken = {segmentation.GetNthSegment(i).GetName() for i in range(count)}
         name = _unique(term.name if term else raw, taken)
         color = term.color if term else terminology.fallback_color(count)
-        slicer.mrmlScene.SaveStateForUndo()
         segment_id = segmentation.AddEmptySegment("", name, list(color))
         slicer.util.updateSegmentBinaryLabelmapFromArray(mask, target, segment_id, volume)
         segment = segmentation.GetSegment(segment_id)
         segment.SetTag(LABEL_TAG, raw)
         if term is not None:  # the tag, not SetTerminology: that exists only from Slicer 5.10 on
             segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), term.entry)
-        return Item("mask", name, node_id=target.GetID(), segment_id=segment_id)
+        return Item("mask", name, node_id=target.GetID(), segment_id=segment_id, ref=self._reference(target))
 
     def set_report(self, markdown: str) -> Any:
         """The answer's report into the conversation's report text node (created on first use)."""
@@ -256,7 +284,8 @@ def apply_event(conversation_scene: ConversationScene, answer: Turn, event: Dict
 
 
 def focus(item: Item) -> str:
-    """Centre every slice view on a grounded item and select its node; returns a status sentence."""
+    """Centre the slice views on a grounded item (Slicer's own jump, as clicking a control point
+    does); returns a status sentence."""
     node = slicer.mrmlScene.GetNodeByID(item.node_id) if item.node_id else None
     if node is None:
         return f"'{item.label}' is no longer in the scene"
@@ -270,7 +299,5 @@ def focus(item: Item) -> str:
     else:
         center = [0.0, 0.0, 0.0]
         node.GetCenterWorld(center)
-    for slice_node in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
-        slice_node.JumpSliceByCentering(*center)
-    node.SetSelected(1)
+    slicer.modules.markups.logic().JumpSlicesToLocation(center[0], center[1], center[2], True)
     return f"centred on {item.label} at R {center[0]:.1f}, A {center[1]:.1f}, S {center[2]:.1f} mm"

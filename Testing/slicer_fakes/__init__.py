@@ -28,6 +28,9 @@ class _Util(types.ModuleType):
         self._slicer = slicer
 
     def arrayFromVolume(self, volumeNode: mrml.vtkMRMLVolumeNode) -> np.ndarray:
+        """Raises as Slicer's does on a volume node without image data (`None.GetPointData()`)."""
+        if volumeNode.GetImageData() is None:
+            raise AttributeError("'NoneType' object has no attribute 'GetPointData'")
         return volumeNode._array
 
     def vtkMatrixFromArray(self, narray: Any) -> mrml.FakeMatrix4x4:
@@ -109,6 +112,25 @@ class _Util(types.ModuleType):
 
 class _MRMLNodeNotFoundException(Exception):
     pass
+
+
+class _MarkupsLogic:
+    """`slicer.modules.markups.logic()` (vtkSlicerMarkupsLogic, outside the MRML manifest): its one
+    method we use, declared the same in 5.8.1 .. main (`vtkSlicerMarkupsLogic.h`):
+    `void JumpSlicesToLocation(double x, double y, double z, bool centered, int viewGroup = -1,
+    vtkMRMLSliceNode* exclude = nullptr)`, which runs `vtkMRMLSliceNode::JumpAllSlices`."""
+
+    def __init__(self, slicer: types.ModuleType) -> None:
+        self._slicer = slicer
+        self.jumps: List[tuple] = []
+
+    def JumpSlicesToLocation(
+        self, x: float, y: float, z: float, centered: bool, viewGroup: int = -1, exclude: Any = None
+    ) -> None:
+        self.jumps.append((float(x), float(y), float(z), bool(centered), int(viewGroup)))
+        for node in self._slicer.mrmlScene.nodes("vtkMRMLSliceNode"):
+            if node is not exclude and (viewGroup < 0 or node.GetViewGroup() == viewGroup):
+                node.jumps.append((float(x), float(y), float(z)))
 
 
 def _scripted_loadable_module(slicer: types.ModuleType) -> types.ModuleType:
@@ -231,7 +253,6 @@ def install() -> types.ModuleType:
         slicer.util.MRMLNodeNotFoundException = _MRMLNodeNotFoundException
         slicer.ScriptedLoadableModule = _scripted_loadable_module(slicer)
         slicer.parameterNodeWrapper = _parameter_node_wrapper()
-        slicer.modules = types.SimpleNamespace()
         for name in dir(mrml):
             if name.startswith("vtk"):
                 setattr(slicer, name, getattr(mrml, name))
@@ -248,6 +269,8 @@ def install() -> types.ModuleType:
     slicer.app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
     slicer.mrmlScene = mrml.vtkMRMLScene()
     slicer.pip_requests = []
+    markups_logic = _MarkupsLogic(slicer)
+    slicer.modules = types.SimpleNamespace(markups=types.SimpleNamespace(logic=lambda: markups_logic))
     return slicer
 
 

@@ -4,10 +4,19 @@ Every VTK-style (CamelCase) attribute is checked against `api-manifest.json` (ta
 headers): a name is valid on class C if C or a class in its chain declares it. So a call that
 Slicer does not have fails here with AttributeError instead of passing silently; names that do
 exist but are not implemented by the fake fail the same way (with a different message).
+
+Behaviour the module depends on follows Slicer's sources (`Libs/MRML/Core/vtkMRMLScene.cxx`,
+`vtkMRMLNode.cxx`, `vtkMRMLTextNode.cxx`): `Import` adds every node (NodeAddedEvent) before any
+storage node is read, so a text node whose text lives in a file (over 256 characters) is empty
+while its NodeAddedEvent runs and is filled just before EndImportEvent; imported IDs that clash with
+the scene's are renamed and references to them updated, while anything that kept the old ID as a
+plain string does not follow; singleton nodes are merged into the scene's; `SaveStateForUndo` does
+nothing while the scene's undo flag is off (Slicer's default).
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -154,7 +163,7 @@ class vtkMRMLNode(FakeVTKObject):
         self._id: Optional[str] = None
         self._name = ""
         self._attributes: Dict[str, str] = {}
-        self._references: Dict[str, str] = {}
+        self._references: Dict[str, List[str]] = {}
         self._scene: Optional[vtkMRMLScene] = None
         self._selected = 0
         self._hide = 0
@@ -180,14 +189,39 @@ class vtkMRMLNode(FakeVTKObject):
         return self._attributes.get(name)
 
     def SetNodeReferenceID(self, role: str, node_id: Optional[str]) -> None:
-        self._references[role] = node_id
+        """As Slicer: replaces the role's references; None removes them."""
+        if node_id:
+            self._references[role] = [node_id]
+        else:
+            self._references.pop(role, None)
+
+    def AddNodeReferenceID(self, role: str, node_id: str) -> None:
+        self._references.setdefault(role, []).append(node_id)
+
+    def RemoveNodeReferenceIDs(self, role: str) -> None:
+        self._references.pop(role, None)
+
+    def GetNumberOfNodeReferences(self, role: str) -> int:
+        return len(self._references.get(role, []))
+
+    def GetNthNodeReferenceID(self, role: str, n: int) -> Optional[str]:
+        ids = self._references.get(role, [])
+        return ids[n] if 0 <= n < len(ids) else None
 
     def GetNodeReferenceID(self, role: str) -> Optional[str]:
-        return self._references.get(role)
+        return self.GetNthNodeReferenceID(role, 0)
+
+    def GetNthNodeReference(self, role: str, n: int) -> Optional[vtkMRMLNode]:
+        node_id = self.GetNthNodeReferenceID(role, n)
+        return self._scene.GetNodeByID(node_id) if self._scene and node_id else None
 
     def GetNodeReference(self, role: str) -> Optional[vtkMRMLNode]:
-        node_id = self._references.get(role)
-        return self._scene.GetNodeByID(node_id) if self._scene and node_id else None
+        return self.GetNthNodeReference(role, 0)
+
+    def _update_reference_ids(self, renamed: Dict[str, str]) -> None:
+        """What Slicer's UpdateReferenceID does after an import renamed node IDs."""
+        for ids in self._references.values():
+            ids[:] = [renamed.get(i, i) for i in ids]
 
     def SetSelected(self, selected: int) -> None:
         self._selected = int(selected)
@@ -279,6 +313,10 @@ class vtkMRMLVolumeNode(vtkMRMLDisplayableNode):
         super().__init__()
         self._ijk_to_ras = np.eye(4)
         self._array: Optional[np.ndarray] = None
+
+    def GetImageData(self) -> Optional[np.ndarray]:
+        """None when the node has no voxels (as a freshly created volume node in Slicer)."""
+        return self._array
 
     def GetIJKToRASMatrix(self, matrix: FakeMatrix4x4) -> None:
         matrix.array = self._ijk_to_ras.copy()
@@ -517,9 +555,16 @@ class vtkMRMLSliceNode(vtkMRMLNode):
     def __init__(self) -> None:
         super().__init__()
         self.jumps: List[Tuple[float, float, float]] = []
+        self._view_group = 0
 
     def JumpSliceByCentering(self, r: float, a: float, s: float) -> None:
         self.jumps.append((float(r), float(a), float(s)))
+
+    def SetViewGroup(self, group: int) -> None:
+        self._view_group = int(group)
+
+    def GetViewGroup(self) -> int:
+        return self._view_group
 
 
 class vtkMRMLSubjectHierarchyNode(vtkMRMLNode):
@@ -612,11 +657,30 @@ _NODE_CLASSES = {
 }
 
 
+TEXT_IN_FILE_OVER = 256  # longer texts are saved in a storage node file, read last by Import
+_SAVED: Dict[str, List[vtkMRMLNode]] = {}  # url -> the nodes a Commit wrote there
+
+
+def _detached_copies(nodes: List[vtkMRMLNode]) -> List[vtkMRMLNode]:
+    """Deep copies without scene or observers (one deepcopy: nodes that share objects still do)."""
+    kept = [(n, n._scene, n._observers) for n in nodes]
+    for node in nodes:
+        node._scene, node._observers = None, {}
+    try:
+        return copy.deepcopy(nodes)
+    finally:
+        for node, scene, observers in kept:
+            node._scene, node._observers = scene, observers
+
+
 class vtkMRMLScene(FakeVTKObject):
-    """Scene with IDs, names, observers (NodeAdded/Removed, Start/EndClose) and subject hierarchy."""
+    """Scene with IDs, names, observers (NodeAdded/Removed, Start/EndClose, Start/EndImport),
+    Commit/Import through an in-memory store, undo flag and subject hierarchy."""
 
     _vtk_class = "vtkMRMLScene"
     NodeAddedEvent = "NodeAddedEvent"
+    StartImportEvent = "StartImportEvent"
+    EndImportEvent = "EndImportEvent"
     NodeAboutToBeRemovedEvent = "NodeAboutToBeRemovedEvent"
     NodeRemovedEvent = "NodeRemovedEvent"
     StartCloseEvent = "StartCloseEvent"
@@ -627,7 +691,10 @@ class vtkMRMLScene(FakeVTKObject):
         self._nodes: List[vtkMRMLNode] = []
         self._counts: Dict[str, int] = {}
         self._closing = False
-        self.undo_points = 0
+        self._importing = False
+        self._undo_flag = False
+        self._undo_levels = 0
+        self._url = ""
         self._sh = vtkMRMLSubjectHierarchyNode()
         self._add_views()
 
@@ -646,9 +713,18 @@ class vtkMRMLScene(FakeVTKObject):
         return _NODE_CLASSES[class_name]()
 
     def AddNode(self, node: vtkMRMLNode) -> vtkMRMLNode:
+        return self._add(node)
+
+    def _add(self, node: vtkMRMLNode, keep_id: Optional[str] = None) -> vtkMRMLNode:
+        """Add with a new ID, or with `keep_id` (import) unless the scene already uses it."""
         cls = node.GetClassName()
-        self._counts[cls] = self._counts.get(cls, 0) + 1
-        node._id = f"{cls}{self._counts[cls]}"
+        if keep_id and self.GetNodeByID(keep_id) is None:
+            node._id = keep_id
+        else:
+            self._counts[cls] = self._counts.get(cls, 0) + 1
+            while self.GetNodeByID(f"{cls}{self._counts[cls]}") is not None:
+                self._counts[cls] += 1
+            node._id = f"{cls}{self._counts[cls]}"
         node._scene = self
         self._nodes.append(node)
         if not isinstance(node, (vtkMRMLDisplayNode, vtkMRMLSliceNode, vtkMRMLScriptedModuleNode)):
@@ -692,7 +768,71 @@ class vtkMRMLScene(FakeVTKObject):
         return next(f"{base}_{i}" for i in itertools.count(1) if f"{base}_{i}" not in names)
 
     def SaveStateForUndo(self, *nodes: Any) -> None:
-        self.undo_points += 1
+        """As Slicer's: nothing at all while the undo flag is off (the default)."""
+        if self._undo_flag:
+            self._undo_levels += 1
+
+    def SetUndoFlag(self, flag: bool) -> None:
+        self._undo_flag = bool(flag)
+
+    def GetUndoFlag(self) -> bool:
+        return self._undo_flag
+
+    def GetNumberOfUndoLevels(self) -> int:
+        return self._undo_levels
+
+    def SetURL(self, url: str) -> None:
+        self._url = str(url)
+
+    def GetURL(self) -> str:
+        return self._url
+
+    def Commit(self, url: Optional[str] = None, userMessages: Any = None) -> int:
+        """Save the scene (kept in memory under the URL; slice views are not saved)."""
+        _SAVED[url or self._url] = _detached_copies(
+            [n for n in self._nodes if not isinstance(n, vtkMRMLSliceNode)]
+        )
+        return 1
+
+    def IsImporting(self) -> bool:
+        return self._importing
+
+    def Import(self, userMessages: Any = None) -> int:
+        """Add the scene saved at GetURL() to this one, in Slicer's order: all nodes (clashing IDs
+        renamed, singletons merged), then references updated, then storage files read."""
+        nodes = _detached_copies(_SAVED[self._url])
+        self._importing = True
+        self.InvokeEvent(self.StartImportEvent)
+        renamed: Dict[str, str] = {}
+        in_files = []
+        for node in nodes:
+            old_id = node._id
+            target = self._merge_singleton(node)
+            if target is None:
+                if isinstance(node, vtkMRMLTextNode) and len(node._text) > TEXT_IN_FILE_OVER:
+                    in_files.append((node, node._text))
+                    node._text = ""
+                target = self._add(node, keep_id=old_id)
+            renamed[old_id] = target._id
+        for node in self._nodes:
+            node._update_reference_ids({k: v for k, v in renamed.items() if k != v})
+        for node, text in in_files:
+            node.SetText(text)
+        self._importing = False
+        self.InvokeEvent(self.EndImportEvent)
+        return 1
+
+    def _merge_singleton(self, node: vtkMRMLNode) -> Optional[vtkMRMLNode]:
+        existing = (
+            self.GetSingletonNode(node.GetSingletonTag(), node.GetClassName())
+            if node.GetSingletonTag()
+            else None
+        )
+        if existing is not None:
+            existing.__dict__.update(
+                {k: v for k, v in node.__dict__.items() if k not in ("_id", "_scene", "_observers")}
+            )
+        return existing
 
     def IsClosing(self) -> bool:
         return self._closing
