@@ -20,6 +20,8 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import requests
 
+from MedMLLMSlicerLib.process_group import popen_group, stop_group
+
 # import name -> pip requirement, with the floors of pyproject's `server` extra and a ceiling
 # (pynrrd: the server writes the answers' .seg.nrrd with it, and Slicer does not bundle it)
 SERVER_PACKAGES = {
@@ -128,11 +130,21 @@ def free_port() -> int:
 
 
 class LocalServer:
-    """`medmllm serve` as a child process bound to loopback, with its output kept for the log view."""
+    """`medmllm serve` as a child process bound to loopback, with its output kept for the log view.
+
+    `python` is the command that runs Python: `sys.executable`, which in Slicer is the
+    `PythonSlicer` launcher (the server is then its child: see `process_group`). The server also
+    watches this process (`--exit-with`), so it ends when Slicer does, even after a crash.
+    """
 
     def __init__(
-        self, engine: str = "builtin", options: Optional[List[str]] = None, log_lines: int = 2000
+        self,
+        engine: str = "builtin",
+        options: Optional[List[str]] = None,
+        log_lines: int = 2000,
+        python: Optional[List[str]] = None,
     ) -> None:
+        self.python = list(python or [sys.executable])
         self.engine = engine
         self.options = list(options or [])
         self.token = secrets.token_urlsafe(24)
@@ -152,8 +164,8 @@ class LocalServer:
         """`medmllm serve` run by this Python (Slicer's, where `medmllm` is bundled with the module);
         the token goes in the environment (`environment()`), out of other users' process lists."""
         return [
-            sys.executable, "-m", "medmllm.cli", "serve", "--engine", self.engine,
-            "--host", "127.0.0.1", "--port", str(self.port), *self.options,
+            *self.python, "-m", "medmllm.cli", "serve", "--engine", self.engine,
+            "--host", "127.0.0.1", "--port", str(self.port), "--exit-with", str(os.getpid()), *self.options,
         ]  # fmt: skip
 
     def environment(self) -> Dict[str, str]:
@@ -171,9 +183,9 @@ class LocalServer:
         if self.running:
             return
         self.port = free_port()
-        self._process = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=self.environment(),
+        self._process = popen_group(
+            self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, env=self.environment(),
         )  # fmt: skip
         threading.Thread(target=self._read_output, args=(self._process,), daemon=True).start()
 
@@ -197,13 +209,8 @@ class LocalServer:
         raise RuntimeError(f"the local server did not answer within {timeout:g} s: see its log")
 
     def stop(self) -> None:
-        """Terminate (then kill) the child; safe to call twice or when it never started."""
+        """End the server's whole process group (launcher and server); safe to call twice or when
+        it never started. Also after the launcher itself has ended: the server may outlive it."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+        if process is not None:
+            stop_group(process)

@@ -38,6 +38,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-store-gb", type=float, default=20, help="disk bound of the volume store (GB, LRU)")
     p.add_argument("--max-memory-gb", type=float, default=4, help="volumes kept decoded in memory (GB, LRU)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--exit-with",
+        type=int,
+        metavar="PID",
+        help="stop when process PID ends (the Slicer module passes its own: see medmllm/server/watchdog.py)",
+    )
     add_exposure_arguments(p)
     p.set_defaults(func=run)
 
@@ -175,6 +181,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be 0..65535, not {args.port}")
     limits = _limits(args)
     limits.update(_exposure(args))
+    if args.exit_with is not None:
+        from medmllm.server.watchdog import exit_with
+
+        try:
+            exit_with(args.exit_with)  # from here on: loading a model can take minutes
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     try:
         import uvicorn
 
