@@ -22,7 +22,18 @@ def _manifest_names() -> set:
 
 def test_every_vtk_style_call_is_a_slicer_method():
     """Also covers code paths the fake-scene tests do not run (e.g. Slicer-only branches)."""
-    modules = {"threading", "subprocess", "socket", "queue", "qt", "backends", "scene_writer", "ctk", "json"}
+    modules = {
+        "threading",
+        "subprocess",
+        "socket",
+        "queue",
+        "qt",
+        "backends",
+        "scene_writer",
+        "ctk",
+        "json",
+        "signal",
+    }
     modules |= {"exceptions", "MedMLLMSlicer"}  # requests.exceptions.X; "MedMLLMSlicer.Role" attribute names
     modules |= {"requests", "worker"}  # requests.Response; worker.VolumeSnapshot in a docstring
     calls, sitk_calls = set(), set()
