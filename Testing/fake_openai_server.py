@@ -4,6 +4,13 @@ Wire format (what `vllm serve` sends back, and what the `openai` SDK parses):
 - streaming `POST /v1/chat/completions`: `text/event-stream`, one `data: {chat.completion.chunk}` per
   delta (first delta carries `role`, the last one `finish_reason`), then `data: [DONE]`
   (OpenAI API reference "The chat completion chunk object"; vllm/entrypoints/openai/serving_chat.py).
+- special tokens: vLLM decodes with `skip_special_tokens=True` unless the request says
+  `"skip_special_tokens": false` (a vLLM/SGLang sampling field, vllm/entrypoints/openai/protocol.py
+  ChatCompletionRequest); `special_tokens` lists the markup the served tokenizer treats as special
+  (InternVL/MedRegA: `<ref>`, `</ref>`, `<box>`, `</box>`, xmed-lab/MedRegA
+  src/internvl/train/constants.py), removed from the answer unless asked to keep them. A server
+  that knows no such field answers 400 "Unrecognized request argument supplied:
+  skip_special_tokens" (OpenAI's own API; `strict_fields=True`).
 - errors: `{"error": {"message", "type", "param", "code"}}` (vLLM's ErrorResponse, same shape as OpenAI's);
   a text-only model given an image answers 400 "<model> is not a multimodal model" (vLLM's message,
   quoted in vllm-project/vllm#23402 and #19144); a wrong key gets 401 `{"error": "Unauthorized"}`
@@ -40,6 +47,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 
 Answer = Callable[[Dict[str, Any], List[Image.Image]], str]
+INTERNVL_SPECIAL_TOKENS = ("<ref>", "</ref>", "<box>", "</box>")
 
 
 @dataclass
@@ -94,6 +102,10 @@ class FakeOpenAIServer:
         chunk_delay: float = 0.0,
         models: Optional[List[str]] = None,
         raw_stream: Optional[str] = None,
+        special_tokens: Tuple[str, ...] = INTERNVL_SPECIAL_TOKENS,
+        strict_fields: bool = False,
+        cut_after: Optional[int] = None,
+        error_body: Optional[Tuple[int, Any]] = None,
     ) -> None:
         self.answer = answer
         self.model = model
@@ -104,6 +116,10 @@ class FakeOpenAIServer:
         self.chunk_delay = chunk_delay
         self.served = models or [model]
         self.raw_stream = raw_stream  # sent verbatim as the event stream body, to imitate broken servers
+        self.special_tokens = special_tokens
+        self.strict_fields = strict_fields
+        self.cut_after = cut_after  # drop the connection after this many content chunks
+        self.error_body = error_body  # (status, JSON body) answered to every chat request
         self.requests: List[Recorded] = []
         self.chunks_sent = 0
         self.app = self._build()
@@ -142,7 +158,15 @@ class FakeOpenAIServer:
                 return _error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
             if images and not self.vision:
                 return _error(400, f"{body['model']} is not a multimodal model", "BadRequestError")
+            if self.strict_fields and "skip_special_tokens" in body:
+                message = "Unrecognized request argument supplied: skip_special_tokens"
+                return _error(400, message, "invalid_request_error")
+            if self.error_body is not None:
+                return JSONResponse(self.error_body[1], status_code=self.error_body[0])
             text = self.answer(body, images)
+            if body.get("skip_special_tokens", True) is not False:
+                for token in self.special_tokens:
+                    text = text.replace(token, "")
             await asyncio.sleep(self.first_delay)  # a busy server: not even the response headers yet
             if self.raw_stream is not None:
                 return StreamingResponse(iter([self.raw_stream]), media_type="text/event-stream")
@@ -162,6 +186,8 @@ class FakeOpenAIServer:
         yield event({"role": "assistant", "content": ""})
         for start in range(0, len(text), self.chunk_size):
             await asyncio.sleep(self.chunk_delay)
+            if self.chunks_sent == self.cut_after:
+                raise ConnectionResetError("fake server dropped the connection mid-answer")
             self.chunks_sent += 1
             yield event({"content": text[start : start + self.chunk_size]})
         yield event({"content": ""}, finish="stop")

@@ -70,14 +70,36 @@ def test_ask_with_an_out_of_range_slice_is_a_usage_error(
     assert server.requests == []
 
 
-def test_ask_without_a_server_fails_with_one_line(
+def test_ask_without_a_server_is_a_usage_error_with_one_line(
     volume_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     server = FakeOpenAIServer(lambda body, images: "ok")
     server.port = free_port()  # nothing listens there
     status = ask(volume_file, tmp_path / "out", server, "internvl")
     err = capsys.readouterr().err
-    assert status != 0 and "no model server at" in err and "Traceback" not in err
+    assert status == 2 and "no model server at" in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_ask_with_a_wrong_model_name_is_a_usage_error(
+    volume_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with FakeOpenAIServer(lambda body, images: "ok", model="medrega") as server:
+        server.model = "medrgea"  # what the user typed
+        status = ask(volume_file, tmp_path / "out", server, "internvl")
+    assert status == 2 and "serves medrega, not 'medrgea'" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_ask_keeps_the_partial_answer_of_a_cut_stream(
+    volume_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    answer = "The lesion lies in the right lobe, next to the portal vein."
+    with FakeOpenAIServer(lambda body, images: answer, chunk_size=5, cut_after=3) as server:
+        status = ask(volume_file, tmp_path / "out", server, "plain")
+    captured = capsys.readouterr()
+    assert status == 1 and "broke off the answer after 15 characters" in captured.err
+    assert answer[:15] in captured.out and answer[:15] in (tmp_path / "out" / "answer.md").read_text()
 
 
 def test_ask_segment_writes_the_lesion_mask(volume_file: Path, tmp_path: Path) -> None:

@@ -25,10 +25,11 @@ from medmllm.engines.base import (
     ViewState,
     WarningOut,
 )
-from medmllm.engines.openai import OpenAIEngine, qwen_image_size
+from medmllm.engines.openai import OpenAIEngine, plain_image_size, qwen_image_size
 from medmllm.engines.registry import create_engine, engine_names
 from medmllm.geometry.boxes import IJKBox
 from medmllm.geometry.volume import Volume
+from medmllm.grounding.internvl import UNTAGGED_NOTE
 from medmllm.grounding.registry import get_dialect
 from PIL import Image
 
@@ -99,7 +100,8 @@ def ras_offset_in_voxels(volume: Volume, box: IJKBox) -> np.ndarray:
 EXPECTED_SIZE = {
     "internvl": (448, 448),
     "minigptmed": (448, 448),
-    "qwen25vl": (448, 364),  # 60 x 50 slice enlarged to a 448 long side, sides rounded to multiples of 28
+    # 60 x 50 slice enlarged to at least 256*28*28 pixels (Qwen's README min_pixels), sides multiples of 28
+    "qwen25vl": (504, 420),
     "medgemma": (896, 896),
 }
 
@@ -351,16 +353,90 @@ def test_png_is_a_valid_grayscale_image_of_the_slice() -> None:
     assert image.size == (60, 50) and image.mode == "L"
 
 
-def test_qwen_sizes_are_multiples_of_28() -> None:
-    for width, height in [
-        (60, 50),
-        (512, 512),
-        (512, 300),
-        (2000, 1500),
-        (30, 400),
-        (1000, 1000),
-        (1002, 999),
-    ]:
+# Qwen2.5-VL's own resize rule, as transformers implements it (the PIL processor needs no torchvision).
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize  # noqa: E402
+
+QWEN_CONFIGS = {
+    "processor default": (56 * 56, 28 * 28 * 1280),
+    "checkpoint preprocessor_config.json": (3136, 12845056),
+    "README / cookbook": (256 * 28 * 28, 1280 * 28 * 28),
+}
+SLICES = [(60, 50), (392, 448), (512, 512), (512, 300), (2000, 1500), (30, 400), (1000, 1000), (1002, 999)]
+EDGE_ON = [(512, 1), (1, 300), (512, 3), (4000, 20)]
+
+
+@pytest.mark.parametrize("config", QWEN_CONFIGS)
+def test_qwen_sizes_are_kept_by_every_common_processor_configuration(config: str) -> None:
+    min_pixels, max_pixels = QWEN_CONFIGS[config]
+    for width, height in SLICES + EDGE_ON:
         w, h = qwen_image_size(width, height)
-        assert w % 28 == 0 and h % 28 == 0 and w * h <= 1280 * 28 * 28
-        assert abs(w / h - width / height) / (width / height) < 0.2
+        assert smart_resize(h, w, 28, min_pixels, max_pixels) == (h, w), (width, height, w, h)
+        if (width, height) in SLICES:
+            assert abs(w / h - width / height) / (width / height) < 0.2
+
+
+def test_plain_images_keep_a_minimum_side_and_aspect_that_qwen_servers_accept() -> None:
+    assert plain_image_size(60, 50) == (60, 50) and plain_image_size(2048, 1024) == (1024, 512)
+    for width, height in EDGE_ON:
+        w, h = plain_image_size(width, height)
+        assert min(w, h) >= 28 and max(w, h) / min(w, h) <= 50
+        smart_resize(h, w)  # raises ValueError on an aspect ratio >= 200
+    with pytest.raises(ValueError, match="aspect ratio"):
+        smart_resize(1, 512)  # what an unguarded edge-on slice meets
+
+
+def _lesion_box_is_right(boxes: List[Any]) -> None:
+    assert len(boxes) == 1 and boxes[0].label == "lesion"
+    assert np.all(np.abs(ras_offset_in_voxels(phantom(), boxes[0].box)) <= 0.5)
+
+
+def test_internvl_asks_to_keep_its_special_tokens() -> None:
+    with FakeOpenAIServer(lesion_answer("internvl")) as server:
+        events = run(engine_for(server, "internvl"), context("Where is the lesion?", ViewState("axial", 20)))
+    assert server.requests[0].body["skip_special_tokens"] is False
+    assert "".join(e.text for e in of(events, TokenOut)).startswith("<ref>lesion</ref><box>[[")
+    _lesion_box_is_right(of(events, BoxOut))
+    assert not of(events, WarningOut)
+
+
+def test_a_server_that_refuses_the_field_is_asked_again_and_the_bare_form_lands_on_the_lesion() -> None:
+    with FakeOpenAIServer(lesion_answer("internvl"), strict_fields=True) as server:
+        engine = engine_for(server, "internvl")
+        events = run(engine, context("Where is the lesion?", ViewState("axial", 20)))
+        run(engine, context("Where is the lesion?", ViewState("axial", 20)))
+    first, retry, second = server.requests
+    assert first.body["skip_special_tokens"] is False
+    assert "skip_special_tokens" not in retry.body and "skip_special_tokens" not in second.body
+    text = "".join(e.text for e in of(events, TokenOut))
+    assert text.startswith("lesion[[") and "<ref>" not in text
+    _lesion_box_is_right(of(events, BoxOut))
+    assert [w.message for w in of(events, WarningOut)] == [UNTAGGED_NOTE]
+
+
+def test_plain_dialects_do_not_send_the_field() -> None:
+    with FakeOpenAIServer(lesion_answer("qwen25vl"), strict_fields=True) as server:
+        events = run(engine_for(server, "qwen25vl"), context("Where is the lesion?", ViewState("axial", 20)))
+    assert len(server.requests) == 1 and "skip_special_tokens" not in server.requests[0].body
+    _lesion_box_is_right(of(events, BoxOut))
+
+
+def test_without_model_or_dialect_the_served_name_chooses_dialect_and_system_prompt() -> None:
+    with FakeOpenAIServer(lesion_answer("internvl"), model="Luxuriant16/medrega") as server:
+        engine = create_engine("openai", EngineOptions(base_url=server.base_url))
+        assert engine.dialect_name == "plain"  # nothing known before the server answers
+        events = run(engine, context("Where is the lesion?", ViewState("axial", 20)))
+    assert engine.dialect_name == "internvl"
+    assert server.requests[0].body["messages"][0] == {"role": "system", "content": "Answer the questions."}
+    assert server.requests[0].images[0].size == (448, 448)
+    _lesion_box_is_right(of(events, BoxOut))
+
+
+def test_without_model_a_boxless_answer_still_warns() -> None:
+    with FakeOpenAIServer(lambda body, images: "I cannot see it.", model="Luxuriant16/medrega") as server:
+        events = run(
+            create_engine("openai", EngineOptions(base_url=server.base_url)),
+            context("Where is the lesion?", ViewState()),
+        )
+    assert [w.message for w in of(events, WarningOut)] == [
+        "the model answered without a internvl box; no ROI was made"
+    ]

@@ -26,10 +26,10 @@ def ask(engine: Any, question: str = "Where is the lesion?", view: ViewState = V
     return list(engine.chat(ctx, threading.Event()))
 
 
-def make(base_url: str, model: str = "fake-vlm", **extra: Any) -> Any:
+def make(base_url: str, model: str = "fake-vlm", dialect: str = "internvl", **extra: Any) -> Any:
     extra.setdefault("max_retries", 0)
     return create_engine(
-        "openai", EngineOptions(model=model, base_url=base_url, dialect="internvl", extra=extra)
+        "openai", EngineOptions(model=model, base_url=base_url, dialect=dialect, extra=extra)
     )
 
 
@@ -77,11 +77,53 @@ def test_text_only_model_refuses_the_image() -> None:
     assert "(400)" in message and "is not a multimodal model" in message and "does not take images" in message
 
 
-def test_unknown_model_name() -> None:
+def test_unknown_model_name_fails_before_anything_is_sent() -> None:
     server = FakeOpenAIServer(lambda b, i: "ok")
-    expected = r"has no model 'medrega-typo' \(404\)"
+    expected = r"serves fake-vlm, not 'medrega-typo': fix --model or leave it out"
     with server, pytest.raises(EngineError, match=expected):
-        ask(make(server.base_url, model="medrega-typo"))
+        make(server.base_url, model="medrega-typo").prepare(volume(), "v")
+    assert server.requests == []
+
+
+def test_a_stream_cut_mid_answer_says_so_and_keeps_the_words_so_far() -> None:
+    answer = "The lesion lies in the right lobe, next to the portal vein."
+    server = FakeOpenAIServer(lambda b, i: answer, chunk_size=5, cut_after=3)
+    events: List[Any] = []
+    with server, pytest.raises(EngineError) as info:
+        for event in make(server.base_url).chat(
+            ChatContext(volume(), "v", [ChatTurn("user", "What is this?")], ViewState()), threading.Event()
+        ):
+            events.append(event)
+    message = str(info.value)
+    assert "broke off the answer after 15 characters" in message and "no model server" not in message
+    assert "".join(e.text for e in events if isinstance(e, TokenOut)) == answer[:15]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "words"),
+    [
+        (400, {"detail": "Image too small: 1x512"}, "(400): Image too small: 1x512"),
+        (
+            422,
+            {
+                "detail": [
+                    {"loc": ["body", "messages", 0, "content"], "msg": "Field required", "type": "missing"}
+                ]
+            },
+            "(422): messages.0.content: Field required",
+        ),
+        (
+            500,
+            {"error": {"message": "CUDA out of memory", "type": "InternalServerError"}},
+            "CUDA out of memory",
+        ),
+    ],
+)
+def test_error_bodies_are_unwrapped(status: int, body: Any, words: str) -> None:
+    server = FakeOpenAIServer(lambda b, i: "ok", error_body=(status, body))
+    with server, pytest.raises(EngineError) as info:
+        ask(make(server.base_url, dialect="plain"))
+    assert words in str(info.value) and "{" not in str(info.value)
 
 
 def test_several_served_models_need_a_choice() -> None:

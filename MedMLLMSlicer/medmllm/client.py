@@ -248,14 +248,32 @@ def _http_error(response: requests.Response) -> BackendError:
 
 
 def _detail(response: requests.Response) -> str:
-    """The server's message: FastAPI's `detail` string, or its validation errors as one line."""
+    """The server's message from its error body (see `error_detail`)."""
     try:
-        detail = response.json().get("detail", response.text)
+        body = response.json()
     except ValueError:
         return response.text.strip()[:300] or response.reason
-    if isinstance(detail, list):
-        return "; ".join(f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}" for d in detail)
-    return str(detail)
+    return error_detail(body)
+
+
+def error_detail(body: Any) -> str:
+    """One line from a JSON error body: OpenAI's `{"error": {"message": ...}}`, FastAPI's `detail`
+    (a string, or validation errors as `loc: msg`), a bare `message`, else the body itself."""
+    if isinstance(body, dict):
+        for key in ("error", "detail", "message"):
+            if key in body and body[key] not in (None, ""):
+                return error_detail(body[key])
+        return json.dumps(body, ensure_ascii=False)[:300]
+    if isinstance(body, list):
+        return "; ".join(_validation_error(item) for item in body)
+    return str(body).strip()[:300]
+
+
+def _validation_error(item: Any) -> str:
+    if isinstance(item, dict) and "msg" in item:
+        where = ".".join(str(p) for p in item.get("loc", [])[1:])
+        return f"{where}: {item['msg']}" if where else str(item["msg"])
+    return error_detail(item)
 
 
 def parse_sse(chunks) -> Iterator[Dict[str, Any]]:

@@ -133,6 +133,8 @@ def _ask_engine(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]
     except ValueError as exc:
         raise UsageError(f"--roi: {exc}") from None
     volume_id = volume.sha256()
+    if not prepared:
+        _prepare(engine, volume, volume_id)
     messages = [ChatTurn("user", args.question)]
     ctx = ChatContext(
         volume, volume_id, messages, ViewState(*view), box, args.max_new_tokens, args.temperature
@@ -146,6 +148,18 @@ def _ask_engine(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]
         engine.close()
     writer.write_files()
     return ok
+
+
+def _prepare(engine, volume, volume_id: str) -> None:
+    """Set-up problems (no model server, wrong model name, bad checkpoint) are the user's to fix:
+    one line and exit status 2, before any answer starts."""
+    from medmllm.engines.base import EngineError
+
+    try:
+        engine.prepare(volume, volume_id)
+    except EngineError as exc:
+        engine.close()
+        raise UsageError(str(exc)) from None
 
 
 def _ask_server(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]], roi) -> bool:

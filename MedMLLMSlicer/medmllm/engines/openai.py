@@ -9,9 +9,14 @@ thick. Questions that ask for a mask also run a box -> 3D segmenter (`medmllm.se
 
 Options (EngineOptions): `base_url` (required; `/v1` is appended when the URL has no path),
 `model` (default: the only model the server lists), `api_key`, `dialect` (default: guessed from
-the model name), and in `extra`: `max_images` (slices sent for report questions, default 1),
-`segmenter` (default `region-growing`; `none` turns masks off), `timeout` (s, default 120),
-`max_retries` (default 1), `system_prompt`.
+the served model's name once it is known), and in `extra`: `max_images` (slices sent for report
+questions, default 1), `segmenter` (default `region-growing`; `none` turns masks off), `timeout`
+(s, default 120), `max_retries` (default 1), `system_prompt`.
+
+Dialects whose box markup are tokenizer special tokens (`Dialect.special_markup`, MedRegA's
+`<ref>`/`<box>`) are asked for with `skip_special_tokens: false` (a vLLM/SGLang sampling field,
+sent as an extra body field); a server that rejects the field is asked again without it, and the
+parser reads the bare `label[[...]]` form such servers print.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
+from medmllm.client import error_detail
 from medmllm.engines.base import (
     BoxOut,
     Capabilities,
@@ -156,20 +162,58 @@ class SentImage:
         return (cx0 + x0 * w, cy0 + y0 * h, cx0 + x1 * w, cy0 + y1 * h)
 
 
+# Qwen2.5-VL's processor keeps an image unchanged when its sides are multiples of 28 and its area
+# lies within [min_pixels, max_pixels]. Qwen's README (QwenLM/Qwen2.5-VL@f0af299, README.md) sets
+# min_pixels = 256*28*28 and max_pixels = 1280*28*28 (the checkpoint's own defaults are 56*56 and
+# 12845056): sending within that range means none of these configurations resizes the image, so
+# the model's pixels are ours. (The OCR cookbook's min_pixels = 512*28*28 is not covered.)
+QWEN_MIN_PIXELS = 256 * 28 * 28
+QWEN_MAX_PIXELS = 1280 * 28 * 28
+# Qwen-family processors refuse an aspect ratio of 200 or more (smart_resize); a slice seen edge-on
+# is stretched to at most this ratio (boxes map back through fractions, which a stretch keeps).
+MAX_ASPECT = 50.0
+MIN_SIDE = 28
+
+
+def _guard_aspect(width: float, height: float) -> Tuple[float, float]:
+    """Stretch the short side so the ratio stays below `MAX_ASPECT`."""
+    if width > height * MAX_ASPECT:
+        return width, width / MAX_ASPECT
+    if height > width * MAX_ASPECT:
+        return height / MAX_ASPECT, height
+    return width, height
+
+
 def qwen_image_size(
-    width: int, height: int, factor: int = 28, max_pixels: int = 1280 * 28 * 28
+    width: int,
+    height: int,
+    factor: int = 28,
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
 ) -> Tuple[int, int]:
-    """A size Qwen2.5-VL's processor keeps unchanged (sides multiples of 28, within its pixel budget),
-    so the absolute pixel boxes it answers are pixels of exactly the image we sent. Small slices are
-    enlarged to a long side of 448 first: tiny images give the model almost nothing to look at."""
-    scale = max(1.0, 448.0 / max(width, height))
-    w, h = width * scale, height * scale
+    """A size Qwen2.5-VL's processor keeps unchanged (sides multiples of 28, area within its pixel
+    range), so the absolute pixel boxes it answers are pixels of exactly the image we sent. Small
+    slices are enlarged to a long side of 448 first and to `min_pixels` at least: tiny images give
+    the model almost nothing to look at, and a server set up like the cookbook would enlarge them."""
+    w, h = _guard_aspect(float(width), float(height))
+    scale = max(1.0, 448.0 / max(w, h), math.sqrt(min_pixels / (w * h)))
+    w, h = w * scale, h * scale
     rounded = max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
+    if rounded[0] * rounded[1] < min_pixels:  # rounding down crossed the floor
+        rounded = math.ceil(w / factor) * factor, math.ceil(h / factor) * factor
     if rounded[0] * rounded[1] <= max_pixels:
         return rounded
     shrink = min(1.0, math.sqrt(max_pixels / (w * h)))  # rounding up alone can cross the budget
     w, h = w * shrink, h * shrink
     return max(factor, math.floor(w / factor) * factor), max(factor, math.floor(h / factor) * factor)
+
+
+def plain_image_size(width: int, height: int, longest: int = 1024) -> Tuple[int, int]:
+    """Native size capped at `longest`, every side at least `MIN_SIDE` and the aspect ratio below
+    `MAX_ASPECT`: servers of Qwen-family models refuse thinner images."""
+    w, h = _guard_aspect(float(width), float(height))
+    scale = min(1.0, longest / max(w, h))
+    return max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))
 
 
 def prepare_image(view: SliceImage, dialect: str) -> SentImage:
@@ -188,8 +232,7 @@ def prepare_image(view: SliceImage, dialect: str) -> SentImage:
     elif dialect == "medgemma":
         return _padded_square(view.pixels, 896)
     else:
-        scale = min(1.0, 1024.0 / max(view.width, view.height))
-        size = (max(1, round(view.width * scale)), max(1, round(view.height * scale)))
+        size = plain_image_size(view.width, view.height)
     return SentImage(view.to_png_bytes(size), size, full)
 
 
@@ -266,19 +309,23 @@ def _with_api_path(base_url: str) -> str:
 
 
 def _error_text(exc: Any) -> str:
+    """The server's own words: the SDK keeps the decoded error body (OpenAI, FastAPI or plain text)."""
     body = getattr(exc, "body", None)
-    if isinstance(body, dict) and isinstance(body.get("message"), str):
-        return body["message"]
-    if isinstance(body, (dict, str)) and body:
-        return str(body.get("error", body)) if isinstance(body, dict) else body
+    if body not in (None, "", {}):
+        return error_detail(body)
     return str(getattr(exc, "message", exc))
+
+
+def _is_timeout(exc: Exception) -> bool:
+    """The SDK's timeout, or its HTTP library's (ReadTimeout, ...) raised while a stream is read."""
+    return isinstance(exc, _sdk().APITimeoutError) or type(exc).__name__.endswith("Timeout")
 
 
 def _explain(exc: Exception, url: str, model: str, timeout: float) -> EngineError:
     """Turn an SDK exception into one sentence the user can act on."""
     openai = _sdk()
 
-    if isinstance(exc, openai.APITimeoutError) or type(exc).__name__.endswith("Timeout"):
+    if _is_timeout(exc):
         return EngineError(
             f"the model server at {url} did not answer within {timeout:g} s (busy, or still loading the "
             "model); try again or raise the timeout (extra option 'timeout')"
@@ -318,18 +365,12 @@ class OpenAIEngine(Engine):
                 "engine 'openai' needs --base-url, e.g. http://localhost:8000/v1 (a vLLM server)"
             )
         self.base_url = _with_api_path(options.base_url)
-        self.dialect_name = options.dialect or guess_dialect(options.model)
-        try:
-            self.dialect = get_dialect(self.dialect_name)
-        except ValueError as exc:
-            raise EngineError(str(exc)) from exc
+        self._use_dialect(options.dialect or guess_dialect(options.model))
         extra = options.extra
         self.max_images = self._positive_int(extra.get("max_images", 1), "max_images")
         self.timeout = self._positive_number(extra.get("timeout", 120.0), "timeout")
         self.max_retries = self._positive_int(extra.get("max_retries", 1), "max_retries", allow_zero=True)
-        self.system_prompt: Optional[str] = extra.get("system_prompt")
-        if self.system_prompt is None and "medrega" in (options.model or "").lower():
-            self.system_prompt = _MEDREGA_SYSTEM
+        self._system_prompt: Optional[str] = extra.get("system_prompt")
         segmenter_name = str(extra.get("segmenter", DEFAULT_SEGMENTER))
         try:
             self.segmenter: Optional[BoxSegmenter] = (
@@ -338,7 +379,23 @@ class OpenAIEngine(Engine):
         except SegmenterError as exc:
             raise EngineError(str(exc)) from exc
         self._model = options.model
+        self._served: Optional[str] = None  # the model name, once the server confirmed it
+        self._keep_special: Optional[bool] = None  # whether the server takes skip_special_tokens
         self._client: Any = None
+
+    def _use_dialect(self, name: str) -> None:
+        try:
+            self.dialect = get_dialect(name)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from exc
+        self.dialect_name = name
+
+    @property
+    def system_prompt(self) -> Optional[str]:
+        """The user's, else MedRegA's training system message for a model named like MedRegA."""
+        if self._system_prompt is None and "medrega" in (self._served or self._model or "").lower():
+            return _MEDREGA_SYSTEM
+        return self._system_prompt
 
     @staticmethod
     def _positive_int(value: Any, key: str, allow_zero: bool = False) -> int:
@@ -367,7 +424,7 @@ class OpenAIEngine(Engine):
         return [
             ModelInfo(
                 engine=self.name,
-                model=self._model or f"(the model served at {self.base_url})",
+                model=self._served or self._model or f"(the model served at {self.base_url})",
                 description=f"OpenAI-compatible server at {self.base_url}, {self.dialect_name} box grammar",
                 capabilities=Capabilities(
                     input="slice2d",
@@ -391,19 +448,45 @@ class OpenAIEngine(Engine):
             )
         return self._client
 
-    def _model_name(self) -> str:
+    def prepare(self, volume: Volume, volume_id: str) -> None:
+        """Reach the server before the first question: a wrong URL, key or model name fails here."""
+        self._resolve()
+
+    def _resolve(self) -> str:
+        """The served model (asked once), and the dialect and system prompt its name implies when
+        the user chose none: a model learned from the server is as good as one given."""
+        if self._served is None:
+            self._served = self._served_model()
+            if self.options.dialect is None:
+                self._use_dialect(guess_dialect(self._served))
+        return self._served
+
+    def _served_model(self) -> str:
+        openai = _sdk()
+        try:
+            served = [m.id for m in self._connect().models.list()]
+        except openai.NotFoundError:
+            if self._model is None:
+                raise EngineError(
+                    f"the server at {self.base_url} does not list its models: give --model"
+                ) from None
+            return self._model  # some servers have no /models: trust the name given
+        except openai.OpenAIError as exc:
+            raise _explain(exc, self.base_url, self._model or "?", self.timeout) from exc
+        listing = ", ".join(served) or "none"
         if self._model is None:
-            try:
-                served = [m.id for m in self._connect().models.list()]
-            except _sdk().OpenAIError as exc:
-                raise _explain(exc, self.base_url, "?", self.timeout) from exc
             if len(served) != 1:
-                listing = ", ".join(served) or "none"
                 raise EngineError(f"the server at {self.base_url} serves {listing}: choose one with --model")
-            self._model = served[0]
+            return served[0]
+        if self._model not in served:
+            raise EngineError(
+                f"the server at {self.base_url} serves {listing}, not {self._model!r}: "
+                "fix --model or leave it out"
+            )
         return self._model
 
     def chat(self, ctx: ChatContext, cancel: threading.Event) -> Iterator[EngineEvent]:
+        self._resolve()
         task = classify_question(ctx.question)
         view = _export(ctx.volume, ctx.view.orientation, ctx.view.index, ctx.view.window)
         first = self._picture(ctx.volume, view, ctx.view.window)
@@ -502,42 +585,80 @@ class OpenAIEngine(Engine):
     def _stream(
         self, ctx: ChatContext, cancel: threading.Event, messages: List[Dict[str, Any]]
     ) -> Iterator[str]:
-        model = self._model_name()
-        openai = _sdk()
-        try:
-            stream = self._connect().chat.completions.create(
-                model=model,
-                messages=messages,
-                stream=True,
-                max_tokens=ctx.max_new_tokens,
-                temperature=ctx.temperature,
-            )
-        except openai.OpenAIError as exc:
-            raise _explain(exc, self.base_url, model, self.timeout) from exc
+        model = self._resolve()
+        stream = self._open_stream(model, messages, ctx)
         chunks: queue.Queue = queue.Queue()
         threading.Thread(target=_pump, args=(stream, chunks), daemon=True).start()
+        received, finished = 0, False
         try:
             while not cancel.is_set():
                 try:
                     kind, item = chunks.get(timeout=0.05)
                 except queue.Empty:
                     continue
-                if kind == "end" or cancel.is_set():
+                if cancel.is_set():
+                    return
+                if kind == "end":
+                    if not finished:  # every chat stream ends with a finish_reason; a cut one does not
+                        raise self._broke_off(received, "the stream ended without a finish reason")
                     return
                 if kind == "error":
-                    if not isinstance(item, (openai.OpenAIError, *_transport_errors())):
-                        raise EngineError(
-                            f"the server at {self.base_url} sent something that is not an OpenAI chat "
-                            f"stream: {type(item).__name__}: {item}"
-                        ) from item
-                    raise item
+                    raise self._stream_error(item, received, model)
                 for choice in item.choices:
+                    finished = finished or choice.finish_reason is not None
                     if choice.delta is not None and choice.delta.content:
+                        received += len(choice.delta.content)
                         yield choice.delta.content
-        except (openai.OpenAIError, *_transport_errors()) as exc:
-            raise _explain(exc, self.base_url, model, self.timeout) from exc
         finally:
             stream.close()
+
+    def _open_stream(self, model: str, messages: List[Dict[str, Any]], ctx: ChatContext) -> Any:
+        """Start the answer; ask to keep special-token markup where the dialect needs it, and ask
+        again without that field if the server refuses it (OpenAI itself answers 400
+        "Unrecognized request argument supplied")."""
+        openai = _sdk()
+        keep = self.dialect.special_markup and self._keep_special is not False
+        request = {
+            "model": model,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": ctx.max_new_tokens,
+            "temperature": ctx.temperature,
+        }
+        try:
+            try:
+                stream = self._connect().chat.completions.create(
+                    **request, extra_body={"skip_special_tokens": False} if keep else None
+                )
+            except (openai.BadRequestError, openai.UnprocessableEntityError):
+                if not keep:
+                    raise
+                self._keep_special = False
+                return self._connect().chat.completions.create(**request)
+        except openai.OpenAIError as exc:
+            raise _explain(exc, self.base_url, model, self.timeout) from exc
+        if keep:
+            self._keep_special = True
+        return stream
+
+    def _stream_error(self, exc: Exception, received: int, model: str) -> EngineError:
+        """What went wrong while the answer streamed; after the first words it is a broken-off
+        answer (the text so far stays in the conversation), not a missing server."""
+        openai = _sdk()
+        if not isinstance(exc, (openai.OpenAIError, *_transport_errors())):
+            return EngineError(
+                f"the server at {self.base_url} sent something that is not an OpenAI chat "
+                f"stream: {type(exc).__name__}: {exc}"
+            )
+        if received and not _is_timeout(exc):
+            return self._broke_off(received, f"{type(exc).__name__}: {exc}")
+        return _explain(exc, self.base_url, model, self.timeout)
+
+    def _broke_off(self, received: int, why: str) -> EngineError:
+        return EngineError(
+            f"the model server at {self.base_url} broke off the answer after {received} characters "
+            f"({why}); the partial answer is kept"
+        )
 
     def _handle(
         self, ctx: ChatContext, event: Any, view: Optional[SliceImage], sent: SentImage, task: str

@@ -76,11 +76,14 @@ class Dialect(ABC):
     """One model family's grammar: parse its answers, and write prompts and user regions its way.
 
     `tasks` lists the `build_prompt` tasks the model family supports (a subset of `TASKS`).
+    `special_markup`: the box markup are tokenizer special tokens, which servers drop unless asked
+    to keep them (`skip_special_tokens: false`).
     """
 
     name: str = ""
     coordinate_range: str = ""
     tasks: Tuple[str, ...] = ("chat", "report")
+    special_markup: bool = False
 
     @abstractmethod
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> StreamParser:

@@ -148,6 +148,7 @@ class InternVLDialect(Dialect):
         "integers 0-999 of the image width and height (MedRegA divides by 999), order x1, y1, x2, y2"
     )
     tasks = ("chat", "ground", "region", "report")
+    special_markup = True
 
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> InternVLParser:
         return InternVLParser(keep_special=keep_special)
