@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from slicer_fakes.fixtures import fake_slicer  # noqa: F401
+from slicer_fakes.fixtures import fake_slicer, wait_until  # noqa: F401
 
 
 @pytest.fixture
@@ -112,6 +112,25 @@ def test_local_server_that_dies_reports_its_log(backends, tmp_path):
     assert not server.running
 
 
+def _install_with_real_pip(panel, monkeypatch, packages):
+    """Press Install with `packages` missing; pip runs for real with PIP_NO_INDEX (nothing is
+    downloaded: a requirement that is not installed fails as it would offline)."""
+    from MedMLLMSlicerLib import backends
+
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setattr(backends, "SERVER_PACKAGES", packages)
+    panel.start_server("builtin", [])
+    assert panel.server is None and panel.install_banner.visible
+    panel.install_banner.button.click()
+    assert not panel.send_button.isEnabled() and not panel.install_banner.button.isEnabled(), (
+        "no second click"
+    )
+    panel.input.setPlainText("q")
+    panel.send()
+    assert "Installing" in panel.status_label.text() and panel.job is None
+    assert wait_until(lambda: not panel.installing, 120), "pip did not finish"
+
+
 def test_missing_packages_are_listed_not_installed(backends, monkeypatch, fake_slicer):  # noqa: F811
     import importlib.util
 
@@ -123,8 +142,22 @@ def test_missing_packages_are_listed_not_installed(backends, monkeypatch, fake_s
     panel = ChatPanel()
     panel.start_server("builtin", [])
     assert panel.server is None and panel.install_banner.visible and fake_slicer.pip_requests == []
-    panel.install_banner.button.click()
-    assert fake_slicer.pip_requests == [["uvicorn>=0.27,<1"]]
+    panel.cleanup()
+
+
+def test_install_runs_pip_off_the_main_thread_and_reports_its_failure(fake_slicer, monkeypatch):  # noqa: F811
+    """pip must not block Slicer, and a failure must reach the user with pip's own last lines."""
+    from MedMLLMSlicerLib.chat_panel import ChatPanel
+
+    panel = ChatPanel()
+    panel.accept_intended_use()
+    _install_with_real_pip(panel, monkeypatch, {"medmllm_no_such_module": "medmllm-no-such-package>=1"})
+    assert panel.install_banner.visible and panel.install_banner.button.isEnabled()
+    text = panel.install_banner.label.text()
+    assert "could not install" in text and "medmllm-no-such-package" in text and "ERROR" in text
+    assert panel.send_button.isEnabled()
+    _install_with_real_pip(panel, monkeypatch, {"medmllm_no_such_module": "pip"})  # already there: success
+    assert not panel.install_banner.visible and "installed" in panel.status_label.text()
     panel.cleanup()
 
 

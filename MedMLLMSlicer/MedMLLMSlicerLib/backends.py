@@ -20,7 +20,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 import requests
 
-from MedMLLMSlicerLib.process_group import popen_group, stop_group
+from MedMLLMSlicerLib.process_group import group_options, popen_group, stop_group
 
 # import name -> pip requirement, with the floors of pyproject's `server` extra and a ceiling
 # (pynrrd: the server writes the answers' .seg.nrrd with it, and Slicer does not bundle it)
@@ -121,6 +121,28 @@ def _connected(health: Any, models: Any) -> Tuple[bool, str]:
 def missing_server_packages() -> List[str]:
     """pip names of what the local server needs but this Python lacks (installed only if the user agrees)."""
     return [pip for module, pip in SERVER_PACKAGES.items() if importlib.util.find_spec(module) is None]
+
+
+def pip_install(
+    requirements: List[str], python: Optional[List[str]] = None, tail: int = 8
+) -> Tuple[bool, str]:
+    """`python -m pip install ...` (blocking: call it on a worker thread); (success, pip's last lines).
+
+    Not `slicer.util.pip_install`: before Slicer 5.12 it runs pip synchronously on the main thread
+    and takes no options, and it raises without pip's output. The command is the same (Slicer's
+    `PythonSlicer -m pip`), only run where it cannot freeze the UI.
+    """
+    command = [*(python or [sys.executable]), "-m", "pip", "install", *requirements]
+    try:
+        result = subprocess.run(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            **group_options(),
+        )  # fmt: skip
+    except OSError as exc:
+        return False, f"pip could not be started: {exc}"
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    importlib.invalidate_caches()  # so find_spec sees what was just installed
+    return result.returncode == 0, "\n".join(lines[-tail:])
 
 
 def free_port() -> int:

@@ -67,6 +67,7 @@ class _Banner:
         row = qt.QHBoxLayout(self.frame)
         self.label = qt.QLabel("")
         self.label.setWordWrap(True)
+        self.label.setTextFormat(qt.Qt.PlainText)  # pip's output and URLs are not HTML
         row.addWidget(self.label, 1)
         self.button = qt.QPushButton(action)
         self.button.clicked.connect(lambda *_: on_action())
@@ -107,6 +108,7 @@ class ChatPanel:
         self._checked: set = set()  # servers that passed the version handshake
         self._pending: Optional[Callable[[], None]] = None
         self._dirty = False
+        self.installing = False
         self._shown_volume_id: Optional[str] = None  # the volume whose conversation is shown
         self._observers: List[int] = []
         self.widget = qt.QWidget(parent)
@@ -445,10 +447,28 @@ class ChatPanel:
             self.set_status("Local server stopped")
 
     def install_packages(self) -> None:
-        """Install the local server's packages, only because the user pressed Install on the banner."""
+        """Install the local server's packages (only because the user pressed Install on the banner),
+        with pip on a worker thread; Send and Install stay disabled until pip is done."""
+        if self.installing:
+            return
+        packages = backends.missing_server_packages()
+        self.installing = True
+        self.install_banner.button.setEnabled(False)
         self.install_banner.hide()
-        slicer.util.pip_install(backends.missing_server_packages())
-        self.set_status("Packages installed; press Send again")
+        self._set_busy(False)
+        self.set_status(f"Installing {', '.join(packages)} with pip…", busy=True)
+        self.dispatcher.submit(lambda: backends.pip_install(packages), self._installed)
+
+    def _installed(self, result: Optional[tuple], error: Optional[BaseException]) -> None:
+        self.installing = False
+        self.install_banner.button.setEnabled(True)
+        self._set_busy(self.job is not None)
+        ok, tail = result if result is not None else (False, str(error))
+        if ok:
+            self.set_status("Packages installed; press Send again")
+            return
+        self.install_banner.show(f"pip could not install the packages:\n{tail}")
+        self.set_status("Installing failed: see Backend")
 
     def toggle_log(self) -> None:
         visible = not self.log_view.isVisible()
@@ -526,7 +546,7 @@ class ChatPanel:
         self.progress.setRange(0, 0 if busy else 1)
 
     def _set_busy(self, busy: bool) -> None:
-        self.send_button.setEnabled(not busy)
+        self.send_button.setEnabled(not busy and not self.installing)
         self.stop_button.setEnabled(busy)
         self.progress.setRange(0, 0 if busy else 1)
 
@@ -540,6 +560,9 @@ class ChatPanel:
         question = self.input.toPlainText().strip()
         if self.job is not None:
             self.set_status("Wait for the answer or press Stop")
+            return
+        if self.installing:
+            self.set_status("Installing packages: press Send again when pip is done")
             return
         if not question:
             self.set_status("Type a question first")
