@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 from urllib.parse import urlsplit
 
 from medmllm.cli import UsageError
@@ -83,6 +83,29 @@ def add_exposure_arguments(p: argparse.ArgumentParser) -> None:
         default=8,
         help="largest request body other than a volume upload (MB, default 8)",
     )
+    add_connection_arguments(p)
+
+
+def add_connection_arguments(p: argparse.ArgumentParser) -> None:
+    """Slow or idle clients, concurrency, and which proxy may name the client (docs/security.md)."""
+    p.add_argument(
+        "--client-timeout",
+        type=float,
+        default=30,
+        metavar="SECONDS",
+        help="close a connection that sends no complete request header, or leaves a body stalled, "
+        "for this long (default 30)",
+    )
+    p.add_argument("--max-uploads", type=int, default=8, help="volume uploads received at once (default 8)")
+    p.add_argument(
+        "--max-connections", type=int, default=256, help="open connections; past it 503 (default 256)"
+    )
+    p.add_argument(
+        "--forwarded-allow-ips",
+        metavar="IPS",
+        help="comma-separated addresses of the reverse proxies whose X-Forwarded-For / -Proto to trust "
+        "(default: none, the peer address is the client)",
+    )
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -154,6 +177,9 @@ def _exposure(args: argparse.Namespace) -> Dict[str, Any]:
             )
     positive = {"--answer-timeout": args.answer_timeout, "--max-request-mb": args.max_request_mb}
     positive["--rate-burst"] = args.rate_burst
+    positive["--client-timeout"] = args.client_timeout
+    positive["--max-uploads"] = args.max_uploads
+    positive["--max-connections"] = args.max_connections
     for flag, value in positive.items():
         if not value > 0:
             raise UsageError(f"{flag} must be positive")
@@ -167,7 +193,24 @@ def _exposure(args: argparse.Namespace) -> Dict[str, Any]:
         "audit_questions": args.audit_questions,
         "answer_timeout_s": args.answer_timeout,
         "max_request_bytes": int(args.max_request_mb * 2**20),
+        "max_uploads": args.max_uploads,
+        "client_timeout_s": args.client_timeout,
     }
+
+
+def _proxies(text: Optional[str]) -> List[str]:
+    """--forwarded-allow-ips: addresses or networks only (a wildcard would trust every client)."""
+    import ipaddress
+
+    proxies = [p.strip() for p in (text or "").split(",") if p.strip()]
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise UsageError(
+                f"--forwarded-allow-ips takes proxy addresses like 10.0.0.5 or 10.0.0.0/24, not {proxy!r}"
+            ) from None
+    return proxies
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be 0..65535, not {args.port}")
     limits = _limits(args)
     limits.update(_exposure(args))
+    proxies = _proxies(args.forwarded_allow_ips)
     if args.exit_with is not None:
         from medmllm.server.watchdog import exit_with
 
@@ -189,9 +233,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     try:
-        import uvicorn
-
         from medmllm.server.app import create_app
+        from medmllm.server.listen import serve_app
     except ImportError as exc:
         raise UsageError(
             f"the server needs the 'server' extra: pip install 'medmllm[server]' ({exc})"
@@ -208,7 +251,15 @@ def run(args: argparse.Namespace) -> int:
         flush=True,
     )
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        serve_app(
+            app,
+            args.host,
+            args.port,
+            args.log_level,
+            forwarded_allow_ips=proxies,
+            client_timeout_s=args.client_timeout,
+            max_connections=args.max_connections,
+        )
     finally:
         engine.close()
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
@@ -26,10 +27,10 @@ from medmllm.engines.base import ChatContext, ChatTurn, Engine, ViewState
 from medmllm.protocol import ROUTING_HEADER, UPLOAD_ENCODING, results_path
 from medmllm.results import ResultWriter, answer_events, roi_to_ijk
 from medmllm.server.auth import BearerAuth
-from medmllm.server.guard import AUDIT_SCOPE_KEY, AuditLog, Guard, TokenBucket
+from medmllm.server.guard import AUDIT_SCOPE_KEY, DEFAULT_CLIENT_TIMEOUT_S, AuditLog, Guard, TokenBucket
 from medmllm.server.models import ChatRequest, Health, ModelsOut, ResultOut, RoiBox, VolumeOut
 from medmllm.server.sessions import SessionStore
-from medmllm.server.store import ResultStore, StoreError, VolumeStore
+from medmllm.server.store import DEFAULT_MAX_UPLOADS, ResultStore, StoreError, VolumeStore
 from medmllm.server.turns import EngineTurns
 
 log = logging.getLogger("medmllm.server")
@@ -37,6 +38,8 @@ log = logging.getLogger("medmllm.server")
 GiB = 1 << 30
 DEFAULT_MAX_VOLUME_BYTES = 2 * GiB
 DEFAULT_ANSWER_TIMEOUT_S = 300.0
+#: An upload body is handed to the store (off the event loop) in blocks of about this size.
+UPLOAD_BLOCK_BYTES = 1 << 20
 #: Worker -> stream marker: the engine has the lock now, so from here on its silence is timed.
 _ENGINE_STARTED = {"type": "_engine_started"}
 
@@ -71,14 +74,18 @@ def create_app(
     audit_questions: bool = False,
     answer_timeout_s: float = DEFAULT_ANSWER_TIMEOUT_S,
     max_request_bytes: int = 8 << 20,
+    max_uploads: int = DEFAULT_MAX_UPLOADS,
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
 ) -> FastAPI:
     """Build the app around one engine instance; `token` turns on bearer auth for all but /healthz.
 
     CORS stays closed unless `cors_origins` names the browser origins allowed; `rate_limit_per_minute`
     (0 = off) is a token bucket per token (per address without auth); `audit_log` appends one JSON
-    line per request; an answer whose engine stays silent for `answer_timeout_s` ends with an error.
+    line per request; an answer whose engine stays silent for `answer_timeout_s` ends with an error;
+    a request body that stalls for `client_timeout_s` gets 408; without a token only requests
+    addressed to a loopback Host name are answered (DNS rebinding); see docs/security.md.
     """
-    volumes = VolumeStore(Path(store_dir), max_volume_bytes, max_store_bytes, max_memory_bytes)
+    volumes = VolumeStore(Path(store_dir), max_volume_bytes, max_store_bytes, max_memory_bytes, max_uploads)
     results = ResultStore(Path(store_dir), max_results)
     state = ServerState(engine, volumes, results, Path(store_dir), answer_timeout_s)
     app = FastAPI(
@@ -92,7 +99,13 @@ def create_app(
     limiter = TokenBucket(rate_limit_per_minute / 60.0, rate_burst) if rate_limit_per_minute > 0 else None
     audit = AuditLog(audit_log, audit_questions) if audit_log else None
     app.add_middleware(
-        Guard, engine=engine.name, token=token, limiter=limiter, audit=audit, max_body_bytes=max_request_bytes
+        Guard,
+        engine=engine.name,
+        token=token,
+        limiter=limiter,
+        audit=audit,
+        max_body_bytes=max_request_bytes,
+        body_timeout_s=client_timeout_s,
     )
     if cors_origins:
         app.add_middleware(
@@ -105,7 +118,11 @@ def create_app(
 
     @app.exception_handler(StoreError)
     async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": validation_details(exc.errors())}, status_code=422)
 
     _volume_routes(app, state)
     _chat_routes(app, state)
@@ -152,8 +169,8 @@ def _volume_routes(app: FastAPI, state: ServerState) -> None:
             volume_id, request.headers.get("content-encoding"), int(length) if length.isdigit() else None
         )
         try:
-            async for chunk in request.stream():
-                upload.write(chunk)
+            async for block in _blocks(request):
+                await run_in_threadpool(upload.write, block)
             volume = await run_in_threadpool(upload.commit)
         except BaseException:
             await run_in_threadpool(upload.discard)
@@ -164,6 +181,37 @@ def _volume_routes(app: FastAPI, state: ServerState) -> None:
             "shape": list(volume.shape),
             "dtype": str(volume.voxels.dtype),
         }
+
+
+async def _blocks(request: Request):
+    """The body in blocks of about UPLOAD_BLOCK_BYTES: few hops to a worker thread, bounded memory."""
+    parts: List[bytes] = []
+    held = 0
+    async for chunk in request.stream():
+        parts.append(chunk)
+        held += len(chunk)
+        if held >= UPLOAD_BLOCK_BYTES:
+            yield b"".join(parts)
+            parts, held = [], 0
+    if held:
+        yield b"".join(parts)
+
+
+def validation_details(errors: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Pydantic's errors without the offending input (which may be NaN or a lone surrogate that no
+    JSON encoder takes, or a patient's text): where, what kind, and the sentence."""
+    return [
+        {
+            "type": str(e.get("type", "")),
+            "loc": [p if isinstance(p, int) else _printable(str(p)) for p in e.get("loc", ())],
+            "msg": _printable(str(e.get("msg", ""))),
+        }
+        for e in errors
+    ]
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _chat_routes(app: FastAPI, state: ServerState) -> None:

@@ -10,8 +10,12 @@ import hmac
 import ipaddress
 import json
 from typing import Any, Callable, Optional
+from urllib.parse import urlsplit
 
 OPEN_PATHS = ("/healthz",)
+#: A token for a public bind: at least this long, with at least MIN_TOKEN_DISTINCT different characters.
+MIN_TOKEN_CHARS = 24
+MIN_TOKEN_DISTINCT = 10
 
 
 def is_loopback(host: str) -> bool:
@@ -23,12 +27,29 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def is_loopback_host(header: str) -> bool:
+    """True when a Host header (`name[:port]`, `[v6]:port`) names this machine's loopback."""
+    try:
+        name = urlsplit(f"//{header}").hostname
+    except ValueError:
+        return False
+    return bool(name) and is_loopback(name)
+
+
 def check_bind(host: str, token: Optional[str]) -> None:
-    """Refuse to serve patient data on a reachable address without a token."""
-    if not token and not is_loopback(host):
+    """Refuse to serve patient data on a reachable address without a token, or with a guessable one."""
+    if is_loopback(host):
+        return
+    if not token:
         raise ValueError(
             f"refusing to listen on {host} without a token: anyone on the network could read the volumes; "
             "pass --token (or bind to 127.0.0.1)"
+        )
+    if len(token) < MIN_TOKEN_CHARS or len(set(token)) < MIN_TOKEN_DISTINCT:
+        raise ValueError(
+            f"refusing to listen on {host} with a guessable token: use at least {MIN_TOKEN_CHARS} characters "
+            f"with at least {MIN_TOKEN_DISTINCT} different ones, e.g. "
+            "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
 
 

@@ -1,5 +1,6 @@
-"""What stands between the network and the routes: request body limits, a per-token rate limit and
-the audit log, as one plain ASGI middleware (so it also sees streaming answers and 401s).
+"""What stands between the network and the routes: the Host check of a token-less server, request
+body limits and timeouts, a per-token rate limit and the audit log, as one plain ASGI middleware
+(so it also sees streaming answers and 401s).
 
 The audit log is JSON lines: time, token id (a hash prefix, never the token), route, volume id,
 engine, status; the question text only when asked for. No pixel data ever goes into it.
@@ -7,6 +8,7 @@ engine, status; the question text only when asked for. No pixel data ever goes i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -19,13 +21,15 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from starlette.exceptions import HTTPException
 
-from medmllm.server.auth import token_matches
+from medmllm.server.auth import is_loopback_host, token_matches
 
 #: Routes whose body the volume store bounds itself (it streams and knows the volume limit).
 STREAMED_BODY_ROUTES = ("/v1/volumes/",)
 #: Where a route handler leaves what the audit log should know (volume id, question).
 AUDIT_SCOPE_KEY = "medmllm.audit"
 MAX_BUCKETS = 10_000
+#: Seconds a client may leave a request body (or, at the socket, its headers) stalled.
+DEFAULT_CLIENT_TIMEOUT_S = 30.0
 
 
 def token_id(token: str) -> str:
@@ -83,7 +87,8 @@ class AuditLog:
 
 
 class Guard:
-    """ASGI middleware: 413 for oversized bodies, 429 + Retry-After past the rate limit, audit line."""
+    """ASGI middleware: 421 for a foreign Host without a token, 413 for oversized bodies, 408 for a
+    body stalled `body_timeout_s`, 429 + Retry-After past the rate limit, one audit line."""
 
     def __init__(
         self,
@@ -93,6 +98,7 @@ class Guard:
         limiter: Optional[TokenBucket] = None,
         audit: Optional[AuditLog] = None,
         max_body_bytes: int = 8 << 20,
+        body_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
     ) -> None:
         self.app = app
         self.engine = engine
@@ -100,6 +106,7 @@ class Guard:
         self.limiter = limiter
         self.audit = audit
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> Any:
         if scope["type"] != "http":
@@ -119,7 +126,8 @@ class Guard:
                 await _reply(send_recorded, *refusal)
                 return None
             streamed = scope["path"].startswith(STREAMED_BODY_ROUTES)
-            bounded = receive if streamed else _bounded(receive, self.max_body_bytes, self._too_large())
+            timed = _timed(receive, self.body_timeout_s)
+            bounded = timed if streamed else _bounded(timed, self.max_body_bytes, self._too_large())
             return await self.app(scope, bounded, send_recorded)
         finally:
             if self.audit is not None:
@@ -134,7 +142,14 @@ class Guard:
         return f"addr:{client[0]}"
 
     def _refusal(self, scope: dict, who: str) -> Optional[Tuple[int, str, Dict[str, str]]]:
-        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        headers = dict(scope.get("headers") or [])
+        if not self.token and not is_loopback_host(headers.get(b"host", b"").decode("latin-1")):
+            message = (
+                "this server has no token, so it answers only requests addressed to a loopback name "
+                "(Host: 127.0.0.1, localhost or [::1]); start it with --token to serve other names"
+            )
+            return 421, message, {}
+        length = headers.get(b"content-length", b"")
         streamed = scope["path"].startswith(STREAMED_BODY_ROUTES)
         if not streamed and length.isdigit() and int(length) > self.max_body_bytes:
             return 413, self._too_large(), {}
@@ -168,6 +183,25 @@ class Guard:
             "status": status,
             "question": noted.get("question"),
         }
+
+
+def _timed(receive: Callable, timeout_s: float) -> Callable:
+    """`receive` that gives up (408) when the client leaves its body stalled for `timeout_s`; once
+    the body is complete it waits untimed (a streaming answer listens for the disconnect)."""
+    complete = [False]
+
+    async def timed() -> dict:
+        if complete[0]:
+            return await receive()
+        try:
+            event = await asyncio.wait_for(receive(), timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body stalled for {timeout_s:g} s; send it again") from None
+        if event["type"] != "http.request" or not event.get("more_body", False):
+            complete[0] = True
+        return event
+
+    return timed
 
 
 def _bounded(receive: Callable, limit: int, message: str) -> Callable:

@@ -7,25 +7,31 @@ from __future__ import annotations
 
 from typing import List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medmllm.protocol import API_VERSION
 
 Vec3 = Tuple[float, float, float]
 
 
-class Message(BaseModel):
+class Strict(BaseModel):
+    """Request bodies: NaN and Infinity (which Python's JSON parser accepts) are refused, 422."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class Message(Strict):
     role: Literal["user", "assistant"]
     content: str = Field(max_length=20000)
 
 
-class View(BaseModel):
+class View(Strict):
     orientation: Literal["axial", "coronal", "sagittal"] = "axial"
     index: Optional[int] = Field(None, ge=0, description="IJK index along the slice axis; null = middle")
     window: Optional[Tuple[float, float]] = Field(None, description="(centre, width)")
 
 
-class RoiBox(BaseModel):
+class RoiBox(Strict):
     center: Vec3 = Field(description="RAS mm")
     size: Vec3 = Field(description="mm along each ROI axis")
     axes: Optional[Tuple[Vec3, Vec3, Vec3]] = Field(
@@ -33,7 +39,7 @@ class RoiBox(BaseModel):
     )
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(Strict):
     volume_id: str = Field(pattern=r"^[0-9a-f]{64}$")
     session_id: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     question: Optional[str] = Field(None, min_length=1, max_length=20000)

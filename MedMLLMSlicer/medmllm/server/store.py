@@ -1,11 +1,12 @@
 """Content-addressed volume store and per-answer result folders, both on disk under one root.
 
 Volumes are kept as the exact wire bytes (`<sha256>.vol`), so a restart keeps them and the id is
-re-verifiable; a bounded in-memory cache holds the decoded arrays, which are views on the
-received bytes (no copies). An upload is hashed and buffered as it arrives, and written to a
-temporary file by a spool thread at the same time; only once the hash and the volume check pass is
-the file renamed into place and the volume cached, before the 201: a 201 means stored, and a full
-disk is a clear 507 with nothing half-written left.
+re-verifiable (and is re-verified each time a volume is read back from disk); a bounded in-memory
+cache holds the decoded arrays. An upload streams to disk with bounded memory: each block is
+inflated (gzip) in pieces, size-checked, then hashed and written by a spool thread of its own while
+the body still arrives, at most `MAX_PENDING_BYTES` ahead of the disk. Only once the hash and the
+volume check pass is the file fsynced and renamed into place and the volume cached, before the 201:
+a 201 means stored, and a full disk is a clear 507 with nothing half-written left.
 """
 
 from __future__ import annotations
@@ -14,30 +15,41 @@ import errno
 import hashlib
 import logging
 import os
-import queue
 import shutil
+import stat
 import tempfile
 import threading
 import uuid
 import zlib
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Union
 
+from medmllm.atomic import replace_durably
 from medmllm.protocol import UPLOAD_ENCODING, is_volume_id
 
 log = logging.getLogger("medmllm.server")
+
+#: Bytes of one upload received but not yet on disk; past this the receiver waits for the spool.
+MAX_PENDING_BYTES = 8 << 20
+#: Inflated gzip output is produced (and bounded) in pieces of this size.
+INFLATE_PIECE_BYTES = 1 << 20
+#: Uploads received at once; one more gets 503 with Retry-After.
+DEFAULT_MAX_UPLOADS = 8
+#: Opening a stored file never follows a symbolic link out of the store.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class StoreError(Exception):
     """A request the store refuses; `status` is the HTTP status to answer with."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
-def _decode_volume(data: bytes, max_bytes: int):
+def _decode_volume(data: Union[bytes, bytearray], max_bytes: int):
     """Wire bytes -> validated Volume (geometry imported lazily: this module loads before it)."""
     from medmllm.geometry.volume import Volume
     from medmllm.geometry.wire import decode_volume
@@ -57,17 +69,21 @@ def _disk_error(exc: OSError) -> StoreError:
 class _Spool:
     """An upload's bytes hashed and written to a temporary file by a thread of its own while the
     body still arrives, so hashing and the disk work in parallel with the network (hashlib and file
-    writes release the GIL) and the 201 waits only for the tail. A write error (a full disk)
-    surfaces at the next chunk or at `sha256`/`finish`."""
+    writes release the GIL). `put` blocks while more than MAX_PENDING_BYTES wait for the disk, so
+    memory per upload stays bounded however fast the client sends. A write error (a full disk)
+    surfaces at the next `put` or at `sha256`."""
 
-    def __init__(self, tmp_dir: Path, prefix: str) -> None:
+    def __init__(self, tmp_dir: Path, prefix: str, store: VolumeStore) -> None:
         try:
             fd, name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=tmp_dir)
         except OSError as exc:
             raise _disk_error(exc) from None
         self.path = Path(name)
+        self.store = store
         self._file = os.fdopen(fd, "wb")
-        self._chunks: queue.SimpleQueue = queue.SimpleQueue()
+        self._chunks: Deque[Optional[bytes]] = deque()
+        self._pending = 0
+        self._ready = threading.Condition()
         self._error: Optional[OSError] = None
         self._hash = hashlib.sha256()
         self._thread = threading.Thread(target=self._run, name="upload-spool", daemon=True)
@@ -75,22 +91,19 @@ class _Spool:
 
     def put(self, chunk: bytes) -> None:
         self._check()
-        self._chunks.put(chunk)
+        with self._ready:
+            while self._pending > MAX_PENDING_BYTES and self._thread.is_alive():
+                self._ready.wait(1.0)
+            self._chunks.append(chunk)
+            self._pending += len(chunk)
+            self.store.in_flight(len(chunk))
+            self._ready.notify_all()
 
     def sha256(self) -> str:
-        """Hex digest of everything put, once the last bytes are written."""
+        """Hex digest of everything put, once the last bytes are on disk (fsynced)."""
         self._stop()
         self._check()
         return self._hash.hexdigest()
-
-    def finish(self, target: Path) -> None:
-        """Wait for the last bytes, then rename the file into place."""
-        self._stop()
-        self._check()
-        try:
-            os.replace(self.path, target)
-        except OSError as exc:
-            raise _disk_error(exc) from None
 
     def discard(self) -> None:
         self._stop()
@@ -102,11 +115,26 @@ class _Spool:
 
     def _stop(self) -> None:
         if self._thread.is_alive():
-            self._chunks.put(None)
+            with self._ready:
+                self._chunks.append(None)
+                self._ready.notify_all()
             self._thread.join()
 
+    def _next(self) -> Optional[bytes]:
+        with self._ready:
+            while not self._chunks:
+                self._ready.wait()
+            return self._chunks[0]
+
+    def _done(self, chunk: bytes) -> None:
+        with self._ready:
+            self._chunks.popleft()
+            self._pending -= len(chunk)
+            self.store.in_flight(-len(chunk))
+            self._ready.notify_all()
+
     def _run(self) -> None:
-        chunk = self._chunks.get()
+        chunk = self._next()
         while chunk is not None:
             self._hash.update(chunk)
             if self._error is None:
@@ -114,17 +142,22 @@ class _Spool:
                     self._file.write(chunk)
                 except OSError as exc:
                     self._error = exc
-            chunk = self._chunks.get()
+            self._done(chunk)
+            chunk = self._next()
         try:
+            if self._error is None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
             self._file.close()
         except OSError as exc:
             self._error = self._error or exc
 
 
 class Upload:
-    """One PUT in progress: decompress, bound, buffer and spool (hash + disk) the body chunk by chunk.
+    """One PUT in progress: inflate, bound and spool (hash + disk) the body block by block.
 
-    The caller must `discard()` an upload that fails (or is abandoned) before `commit()`.
+    `write` may block (for the disk, or inflating): call it off the event loop. The caller must
+    `discard()` an upload that fails (or is abandoned) before `commit()`; either frees its slot.
     """
 
     def __init__(
@@ -132,40 +165,55 @@ class Upload:
     ) -> None:
         self.store = store
         self.volume_id = volume_id
-        self.size = 0
+        self.size = 0  # bytes of the volume (after inflation)
+        self.received = 0  # bytes off the wire
         self._inflate = None
+        self._open = True
         if encoding and encoding.lower() not in ("identity", UPLOAD_ENCODING):
             raise StoreError(415, f"unsupported Content-Encoding {encoding!r}; use {UPLOAD_ENCODING} or none")
         if encoding and encoding.lower() == UPLOAD_ENCODING:
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        # The announced length is checked, never preallocated: memory follows the bytes that
-        # actually arrive, so headers alone (a 2 GiB Content-Length, no body) cost nothing.
-        self._announced = length if self._inflate is None else None
-        if self._announced is not None and self._announced > store.max_volume_bytes:
+        # The announced length is checked, never preallocated: headers alone cost nothing.
+        self._announced = length
+        if length is not None and length > self._max_received():
             self._too_large()
-        self._buffer = bytearray()
-        self._spool = _Spool(store.tmp_dir, prefix=f"{volume_id[:12]}-")
+        self._spool = _Spool(store.tmp_dir, f"{volume_id[:12]}-", store)
+
+    def _max_received(self) -> int:
+        """Wire bytes allowed: the volume limit, plus gzip's worst-case growth of stored blocks."""
+        limit = self.store.max_volume_bytes
+        return limit if self._inflate is None else limit + limit // 1000 + 1024
 
     def write(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.received > self._max_received():
+            self._too_large()
+        if self._announced is not None and self.received > self._announced:
+            raise StoreError(400, f"the upload is longer than its Content-Length of {self._announced} bytes")
         if self._inflate is None:
             self._take(chunk)
             return
+        inflate = self._inflate
+        if inflate.eof:
+            self._trailing()
         try:
-            room = self.store.max_volume_bytes - self.size + 1
-            data = self._inflate.decompress(chunk, room)
+            data = inflate.decompress(chunk, INFLATE_PIECE_BYTES)
+            self._take(data)
+            while inflate.unconsumed_tail and not inflate.eof:
+                data = inflate.decompress(inflate.unconsumed_tail, INFLATE_PIECE_BYTES)
+                self._take(data)
         except zlib.error as exc:
             raise StoreError(400, f"the upload is not valid {UPLOAD_ENCODING} data ({exc})") from None
-        self._take(data)
-        if self._inflate.unconsumed_tail:
-            self._too_large()
+        if inflate.eof and (inflate.unused_data or inflate.unconsumed_tail):
+            self._trailing()
+
+    def _trailing(self) -> None:
+        raise StoreError(400, f"the upload has data after the end of its {UPLOAD_ENCODING} stream")
 
     def _take(self, data: bytes) -> None:
         end = self.size + len(data)
         if end > self.store.max_volume_bytes:
             self._too_large()
-        if self._announced is not None and end > self._announced:
-            raise StoreError(400, f"the upload is longer than its Content-Length of {self._announced} bytes")
-        self._buffer += data
         self._spool.put(data)
         self.size = end
 
@@ -174,36 +222,60 @@ class Upload:
         raise StoreError(413, f"volume larger than this server's limit of {limit} bytes")
 
     def commit(self):
-        """Verify the hash and the volume, cache it and persist it; returns the Volume."""
-        if self._inflate is not None and not self._inflate.eof:
-            raise StoreError(400, f"the {UPLOAD_ENCODING} upload is truncated")
-        if self._announced is not None and self.size != self._announced:
-            raise StoreError(
-                400, f"upload truncated: {self.size} of {self._announced} announced bytes arrived"
-            )
-        digest = self._spool.sha256()
-        if digest != self.volume_id:
-            raise StoreError(400, f"upload corrupted: its sha256 is {digest}, not the volume id in the URL")
+        """Verify the hash and the volume, persist it and cache it; returns the Volume."""
         try:
-            volume = _decode_volume(self._buffer, self.store.max_volume_bytes)
-        except ValueError as exc:
-            raise StoreError(422, f"not a usable volume: {exc}") from None
-        except (TypeError, RecursionError) as exc:  # hostile JSON the header checks did not foresee
-            raise StoreError(422, f"not a usable volume: malformed upload header ({exc})") from None
-        self._spool.finish(self.store.path(self.volume_id))
-        self.store.enforce_disk_bound()
-        self.store.remember(self.volume_id, volume)
-        return volume
+            if self._inflate is not None and not self._inflate.eof:
+                raise StoreError(400, f"the {UPLOAD_ENCODING} upload is truncated")
+            if self._announced is not None and self.received != self._announced:
+                raise StoreError(
+                    400, f"upload truncated: {self.received} of {self._announced} announced bytes arrived"
+                )
+            digest = self._spool.sha256()
+            if digest != self.volume_id:
+                raise StoreError(
+                    400, f"upload corrupted: its sha256 is {digest}, not the volume id in the URL"
+                )
+            volume = _decode_stored(self._spool.path.read_bytes(), self.store.max_volume_bytes)
+            self.store.keep(self._spool.path, self.volume_id, volume)
+            return volume
+        finally:
+            self._close()
 
     def discard(self) -> None:
         """Remove what was spooled to disk (a failed or abandoned upload leaves nothing behind)."""
         self._spool.discard()
+        self._close()
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self.store.release_upload()
+
+
+def _decode_stored(data: bytes, max_bytes: int):
+    try:
+        return _decode_volume(data, max_bytes)
+    except ValueError as exc:
+        raise StoreError(422, f"not a usable volume: {exc}") from None
+    except (TypeError, RecursionError) as exc:  # hostile JSON the header checks did not foresee
+        raise StoreError(422, f"not a usable volume: malformed upload header ({exc})") from None
 
 
 class VolumeStore:
-    """Volumes by sha256 on disk (LRU bound in bytes) with a bounded memory cache."""
+    """Volumes by sha256 on disk (LRU bound in bytes) with a bounded memory cache.
 
-    def __init__(self, root: Path, max_volume_bytes: int, max_disk_bytes: int, max_memory_bytes: int) -> None:
+    Eviction and reads tolerate each other: a file may vanish between listing and use (another
+    upload's eviction), which is never an error; one lock orders renames into place and evictions.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        max_volume_bytes: int,
+        max_disk_bytes: int,
+        max_memory_bytes: int,
+        max_uploads: int = DEFAULT_MAX_UPLOADS,
+    ) -> None:
         self.dir = Path(root) / "volumes"
         self.tmp_dir = Path(root) / "tmp"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +285,12 @@ class VolumeStore:
         self.max_volume_bytes = max_volume_bytes
         self.max_disk_bytes = max_disk_bytes
         self.max_memory_bytes = max_memory_bytes
+        self.max_uploads = max_uploads
+        self.pending_bytes = 0  # upload bytes in memory, waiting for the disk
+        self._uploads = 0
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
+        self._disk_lock = threading.Lock()
 
     def path(self, volume_id: str) -> Path:
         if not is_volume_id(volume_id):
@@ -231,59 +307,142 @@ class VolumeStore:
         return _touch(path) or cached
 
     def begin(self, volume_id: str, encoding: Optional[str], length: Optional[int] = None) -> Upload:
+        """Start an upload; 503 (retry shortly) when `max_uploads` are already being received."""
         self.path(volume_id)
-        return Upload(self, volume_id, encoding, length)
+        with self._lock:
+            if self._uploads >= self.max_uploads:
+                raise StoreError(
+                    503,
+                    f"{self.max_uploads} uploads are in progress, this server's limit; retry shortly",
+                    {"retry-after": "2"},
+                )
+            self._uploads += 1
+        try:
+            return Upload(self, volume_id, encoding, length)
+        except BaseException:
+            self.release_upload()
+            raise
+
+    def release_upload(self) -> None:
+        """An upload ended (stored or not): its slot is free again."""
+        with self._lock:
+            self._uploads -= 1
+
+    def in_flight(self, delta: int) -> None:
+        with self._lock:
+            self.pending_bytes += delta
 
     def get(self, volume_id: str):
-        """The decoded Volume, from memory or disk; StoreError(404) if unknown."""
+        """The decoded Volume, from memory or disk; StoreError(404) if unknown, or if the stored
+        bytes no longer match their sha256 (then the file is removed: upload it again)."""
         path = self.path(volume_id)
         with self._lock:
             cached = self._cache.get(volume_id)
             if cached is not None:
                 self._cache.move_to_end(volume_id)
-        on_disk = _touch(path)
         if cached is not None:
+            _touch(path)
             return cached
-        if not on_disk:
+        data = _read_regular(path)
+        if data is None:
             raise StoreError(404, "unknown volume: upload it first (PUT /v1/volumes/{sha256})")
+        _touch(path)
+        if hashlib.sha256(data).hexdigest() != volume_id:
+            log.error("store: volume %s failed its checksum on disk; removed", volume_id[:12])
+            path.unlink(missing_ok=True)
+            raise StoreError(
+                404, "the stored volume was damaged on disk and has been removed; upload it again"
+            )
         try:
-            volume = _decode_volume(path.read_bytes(), self.max_volume_bytes)
+            volume = _decode_volume(data, self.max_volume_bytes)
         except ValueError as exc:
             path.unlink(missing_ok=True)
             raise StoreError(404, f"stored volume was unreadable and has been removed ({exc})") from None
         self.remember(volume_id, volume)
         return volume
 
+    def keep(self, spooled: Path, volume_id: str, volume) -> None:
+        """Rename a verified, fsynced upload into place, then evict to the disk bound and cache it."""
+        with self._disk_lock:
+            try:
+                replace_durably(spooled, self.path(volume_id))
+            except OSError as exc:
+                raise _disk_error(exc) from None
+            self._enforce_disk_bound(keep=volume_id)
+        self.remember(volume_id, volume)
+
     def remember(self, volume_id: str, volume) -> None:
+        """Cache a decoded volume; upload bytes still waiting for the disk count against the bound."""
         with self._lock:
             self._cache[volume_id] = volume
             self._cache.move_to_end(volume_id)
-            while len(self._cache) > 1 and self.memory_bytes() > self.max_memory_bytes:
+            while len(self._cache) > 1 and self.memory_bytes() + self.pending_bytes > self.max_memory_bytes:
                 self._cache.popitem(last=False)
 
     def memory_bytes(self) -> int:
         return sum(v.voxels.nbytes for v in self._cache.values())
 
     def enforce_disk_bound(self) -> None:
-        """Delete least recently used volumes until the folder fits (the newest always stays)."""
-        files = sorted(self.dir.glob("*.vol"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for old in files[:-1]:
+        with self._disk_lock:
+            self._enforce_disk_bound(keep=None)
+
+    def _enforce_disk_bound(self, keep: Optional[str]) -> None:
+        """Delete least recently used volumes until the folder fits (`keep`, just stored, stays)."""
+        files = sorted(_stat_all(self.dir.glob("*.vol")), key=lambda f: f[1].st_mtime)
+        total = sum(s.st_size for _, s in files)
+        for old, info in files:
             if total <= self.max_disk_bytes:
                 break
-            total -= old.stat().st_size
+            if old.stem == keep:
+                continue
+            total -= info.st_size
             old.unlink(missing_ok=True)
             with self._lock:
                 self._cache.pop(old.stem, None)
             log.info("store: evicted volume %s (disk bound)", old.stem[:12])
 
 
+def _stat_all(paths) -> List[tuple]:
+    """(path, stat) of each path still there: a file evicted meanwhile is simply left out."""
+    found = []
+    for path in paths:
+        try:
+            found.append((path, path.stat()))
+        except FileNotFoundError:
+            continue
+    return found
+
+
+def _read_regular(path: Path) -> Optional[bytes]:
+    """The bytes of a regular file, never through a symbolic link; None if it is not there."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ELOOP):
+            return None
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            return None
+        return handle.read()
+
+
+def _is_real(path: Path, kind) -> bool:
+    """True for a real file or folder of `kind` (stat.S_ISREG / S_ISDIR), never a symbolic link."""
+    try:
+        return kind(path.lstat().st_mode)
+    except OSError:
+        return False
+
+
 def _touch(path: Path) -> bool:
     """Mark a stored volume as just used (the disk bound evicts by modification time); False if absent."""
     try:
-        os.utime(path)
+        os.utime(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
+    except NotImplementedError:  # no lutimes on this platform
+        os.utime(path)
     return True
 
 
@@ -305,16 +464,18 @@ class ResultStore:
 
     def folder(self, result_id: str) -> Path:
         folder = self.dir / result_id
-        if (
-            not (len(result_id) == 32 and all(c in "0123456789abcdef" for c in result_id))
-            or not folder.is_dir()
+        if not (len(result_id) == 32 and all(c in "0123456789abcdef" for c in result_id)) or not _is_real(
+            folder, stat.S_ISDIR
         ):
             raise StoreError(404, "unknown result id")
         return folder
 
     def files(self, result_id: str) -> List[str]:
+        """The regular files of an answer; a symbolic link planted there is neither listed nor served."""
         folder = self.folder(result_id)
-        return sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(
+            p.name for p in folder.iterdir() if not p.name.startswith(".") and _is_real(p, stat.S_ISREG)
+        )
 
     def file(self, result_id: str, name: str) -> Path:
         folder = self.folder(result_id)
