@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from medmllm.atomic import write_atomic
 from medmllm.engines.base import (
     BoxOut,
     ChatContext,
@@ -306,9 +307,7 @@ class ResultWriter:
             + [{"role": "assistant", "content": self.answer}],
             "events": self.events,
         }
-        path = self.out_dir / "chat.json"
-        path.write_text(json.dumps(doc, indent=1, ensure_ascii=False), encoding="utf-8")
-        return path
+        return write_atomic(self.out_dir / "chat.json", json.dumps(doc, indent=1, ensure_ascii=False))
 
     def _write_answer(self) -> Path:
         lines = [f"# {self.messages[-1].content}", "", self.answer.strip() or "_(no text)_", ""]
@@ -333,9 +332,7 @@ class ResultWriter:
             )
         lines += [f"> warning: {e['message']}" for e in self.events if e["type"] in ("warning", "error")]
         lines += ["", "_Research use only; not for diagnosis._", ""]
-        path = self.out_dir / "answer.md"
-        path.write_text("\n".join(lines), encoding="utf-8")
-        return path
+        return write_atomic(self.out_dir / "answer.md", "\n".join(lines))
 
 
 def answer_events(

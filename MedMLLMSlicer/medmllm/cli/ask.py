@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 from medmllm.cli import UsageError
 from medmllm.cli.serve import TOKEN_ENV, add_engine_arguments, engine_from_args
+from medmllm.cli._terminal import printable
 from medmllm.protocol import ORIENTATIONS, roi_from_bounds
 
 
@@ -187,25 +188,27 @@ def _ask_server(args: argparse.Namespace, volume, view: Tuple[str, Optional[int]
 
 
 def _print_events(events: Iterable[Dict[str, Any]], done: Optional[Dict[str, Any]] = None) -> bool:
-    """Stream the answer to stdout, findings and problems as lines; False if an error came."""
+    """Stream the answer to stdout, findings and problems as lines; False if an error came.
+    Model text is printed through `printable` (no terminal escapes); the files keep it as is."""
     ok = True
     for event in events:
         kind = event["type"]
         if kind == "token":
-            print(event["text"], end="", flush=True)
+            print(printable(event["text"]), end="", flush=True)
         elif kind == "box":
             roi = event["roi"]
             where = f"centre {_mm(roi['center'])} size {_mm(roi['size'])}"
-            print(f"\n[box] {event['label']}: {where} -> {event['file']}")
+            print(printable(f"\n[box] {event['label']}: {where} -> {event['file']}"))
         elif kind == "mask":
-            print(f"\n[mask] {event['label']}: {event['volume_ml']:.1f} mL ({event['voxel_count']} voxels)")
+            label = printable(event["label"])
+            print(f"\n[mask] {label}: {event['volume_ml']:.1f} mL ({event['voxel_count']} voxels)")
         elif kind == "report":
-            print("\n" + event["markdown"])
+            print("\n" + printable(event["markdown"]))
         elif kind == "warning":
-            print(f"\nwarning: {event['message']}", file=sys.stderr)
+            print(f"\nwarning: {printable(event['message'])}", file=sys.stderr)
         elif kind == "error":
             ok = False
-            print(f"\nerror: {event['message']}", file=sys.stderr)
+            print(f"\nerror: {printable(event['message'])}", file=sys.stderr)
         elif kind == "done":
             t = event["timings"]
             print(

@@ -21,6 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from sse_starlette.sse import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 import medmllm
 from medmllm.engines.base import ChatContext, ChatTurn, Engine, ViewState
@@ -162,7 +163,7 @@ def _volume_routes(app: FastAPI, state: ServerState) -> None:
         response_model=VolumeOut,
         summary=f"Upload a volume in the wire format (optionally Content-Encoding: {UPLOAD_ENCODING})",
     )
-    async def put_volume(volume_id: str, request: Request) -> Dict[str, Any]:
+    async def put_volume(volume_id: str, request: Request) -> Any:
         store = state.volumes
         length = request.headers.get("content-length", "")
         upload = store.begin(
@@ -172,6 +173,9 @@ def _volume_routes(app: FastAPI, state: ServerState) -> None:
             async for block in _blocks(request):
                 await run_in_threadpool(upload.write, block)
             volume = await run_in_threadpool(upload.commit)
+        except ClientDisconnect:  # the client left mid-upload: nothing to answer, nothing kept
+            await run_in_threadpool(upload.discard)
+            return Response(status_code=400)
         except BaseException:
             await run_in_threadpool(upload.discard)
             raise

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 import uuid
@@ -20,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from medmllm.atomic import write_atomic
 from medmllm.engines.base import ChatTurn
 from medmllm.protocol import is_session_id
 from medmllm.server.store import StoreError
@@ -117,13 +116,7 @@ class SessionStore:
             return
         doc = {"volume_id": session.volume_id, "messages": [vars(t) for t in session.messages]}
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".", suffix=".part", dir=self.folder)
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as out:
-                    json.dump(doc, out, ensure_ascii=False)
-                os.replace(tmp, path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            write_atomic(path, json.dumps(doc, ensure_ascii=False))
             saved = sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
             for old in saved[: max(0, len(saved) - self.max_sessions)]:
                 old.unlink(missing_ok=True)
