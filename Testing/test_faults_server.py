@@ -273,7 +273,8 @@ def test_an_upload_cut_off_mid_body_leaves_nothing_on_disk(live_server):
     volume_id = volume_sha256(*phantom_ct())
     port = int(live_server.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port)) as raw:
-        head = f"PUT /v1/volumes/{volume_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n\r\n"
+        head = f"PUT /v1/volumes/{volume_id} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        head += "\r\n"
         raw.sendall(head.encode() + body[: len(body) // 2])
         assert wait_until(lambda: _files(live_server.store / "tmp") != []), "spooling while it arrives"
     assert wait_until(lambda: _files(live_server.store / "tmp") == []), "the half upload is removed"

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Optional, Tuple
 
 from medmllm.cli import UsageError
-from medmllm.cli.serve import TOKEN_ENV, add_engine_arguments, engine_from_args
 from medmllm.cli._terminal import printable
+from medmllm.cli.serve import TOKEN_ENV, add_engine_arguments, engine_from_args
 from medmllm.protocol import ORIENTATIONS, roi_from_bounds
 
 
