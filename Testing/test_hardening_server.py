@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import zlib
 
 import pytest
@@ -243,3 +244,80 @@ def test_hostile_header_json_found_by_fuzzing_is_a_422_not_a_crash(live_server, 
     response = requests.put(f"{live_server.url}/v1/volumes/{volume_id}", data=header, timeout=10)
     assert response.status_code == 422 and "not a usable volume" in response.json()["detail"]
     assert live_server.client().health()["status"] == "ok"
+
+
+# ----- issue 13: uploads stream to disk with bounded memory, off the event loop ----------------------
+
+
+def test_an_upload_streams_to_disk_holding_only_a_bounded_buffer(tmp_path):
+    import tracemalloc
+
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    size = 48 << 20
+    upload = store.begin("0" * 64, None, length=size + 1)
+    block = bytes(1 << 20)
+    tracemalloc.start()
+    for _ in range(size // len(block)):
+        upload.write(block)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    upload.discard()
+    assert peak < 16 << 20, f"a 48 MiB upload held {peak >> 20} MiB in memory"
+
+
+def test_gzip_data_after_the_member_and_oversized_compressed_bodies_are_refused(tmp_path):
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 20, max_disk_bytes=1 << 30, max_memory_bytes=1 << 30)
+    member = zlib.compressobj(6, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    body = member.compress(encode_volume(_volume())) + member.flush()
+    for junk in (b"\0" * 10, body):  # zeros, or a second gzip member
+        upload = store.begin("0" * 64, "gzip")
+        with pytest.raises(StoreError, match="after the end of its gzip stream") as refused:
+            upload.write(body + junk)
+        assert refused.value.status == 400
+        upload.discard()
+    upload = store.begin("0" * 64, "gzip")
+    upload.write(body)
+    with pytest.raises(StoreError, match="after the end of its gzip stream"):
+        upload.write(b"\0")  # junk in a later block
+    upload.discard()
+    flood = store.begin("0" * 64, "gzip")
+    with pytest.raises(StoreError) as too_many:
+        flood.write(os.urandom(2 << 20))  # wire bytes past the limit, whatever they inflate to
+    assert too_many.value.status == 413
+    flood.discard()
+    assert not list(store.tmp_dir.iterdir())
+
+
+def test_uploads_are_inflated_and_spooled_off_the_event_loop(serve, monkeypatch):
+    import asyncio
+
+    from medmllm.server.store import Upload
+
+    on_loop = []
+    real = Upload.write
+
+    def write(self, chunk):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return real(self, chunk)
+
+    monkeypatch.setattr(Upload, "write", write)
+    server = serve()
+    server.client().ensure_volume(*_volume(), compress=True)
+    assert on_loop and not any(on_loop), "inflating and hashing must not block everyone's requests"
+
+
+def test_uploads_past_the_cap_get_503_and_an_ended_one_frees_its_slot(tmp_path):
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    uploads = [store.begin("0" * 64, None) for _ in range(store.max_uploads)]
+    with pytest.raises(StoreError, match="uploads are in progress") as busy:
+        store.begin("0" * 64, None)
+    assert busy.value.status == 503 and busy.value.headers["retry-after"]
+    uploads.pop().discard()
+    uploads.append(store.begin("0" * 64, None))
+    for upload in uploads:
+        upload.discard()
+    assert store.pending_bytes == 0
