@@ -147,7 +147,9 @@ def test_after_a_timeout_the_answer_is_closed_and_a_follow_up_is_accepted(serve)
     follow = list(client.chat(volume_id, "and now?", session_id="late"))
     assert [e["type"] for e in follow] == ["token", "done"], "not refused as still answering"
     assert server.engine.cancelled.wait(10)
-    chat = json.loads((server.store / "results" / first[-1]["result_id"] / "chat.json").read_text())
+    chat_file = server.store / "results" / first[-1]["result_id"] / "chat.json"
+    assert wait_until(chat_file.exists), "written (atomically) once the late engine returns"
+    chat = json.loads(chat_file.read_text())
     assert [e["type"] for e in chat["events"]] == ["error", "done"], "nothing recorded after done"
 
 
