@@ -128,7 +128,7 @@ def test_coarse_grid_path_maps_back_to_full_resolution(monkeypatch):
     monkeypatch.setattr(grid, "FULL_RES_MAX_VOXELS", 0)
     monkeypatch.setattr(grid, "COARSE_TARGET_MM", 5.0)
     coarse = CTAnalysis(volume.voxels, volume.ijk_to_ras, volume.spacing)
-    assert coarse.f == (1, 2, 2)
+    assert coarse.f == (2, 2, 2)  # round(5 / 3), round(5 / 2.5)
     for name in ("Right lung", "Left lung"):
         assert coarse.lung_masks()[name].shape == volume.shape
         assert _dice(coarse.lung_masks()[name], full.lung_masks()[name]) > 0.98

@@ -195,7 +195,7 @@ def test_empty_and_odd_volumes_get_sentences_not_crashes(engine):
     from medmllm.geometry.volume import Volume
 
     air = Volume(np.full((20, 20, 20), -1000, np.int16), np.eye(4))
-    assert "found no body outline" in _text(_ask(engine, air, "show me the body", "air"))
+    assert "body outline is not in this scan" in _text(_ask(engine, air, "show me the body", "air"))
     (report,) = _of(_ask(engine, air, "report", "air"), ReportOut)
     assert "No structure found" in report.markdown
     flat = Volume(np.zeros((20, 20, 20), np.float32), np.eye(4))
@@ -212,17 +212,41 @@ def test_implausibly_small_brain_is_flagged(engine):
     assert "far smaller than an adult brain" in text
 
 
-def test_touching_lungs_give_one_segment_and_an_honest_side_answer(engine, ct):
+def _ras(volume):
+    k, j, i = np.indices(volume.shape)
+    m = volume.ijk_to_ras
+    return [m[r, 0] * i + m[r, 1] * j + m[r, 2] * k + m[r, 3] for r in range(3)]
+
+
+def test_touching_lungs_are_split_into_right_and_left(engine, ct):
     from medmllm.geometry.volume import Volume
 
-    k, j, i = np.indices(ct.shape)
-    x, y, z = (
-        ct.ijk_to_ras[r, 0] * i + ct.ijk_to_ras[r, 1] * j + ct.ijk_to_ras[r, 2] * k + ct.ijk_to_ras[r, 3]
-        for r in range(3)
-    )
+    x, y, z = _ras(ct)
     voxels = ct.voxels.copy()
-    voxels[(np.abs(x) < 40) & (np.abs(y) < 8) & (np.abs(z - 20) < 8)] = samples.HU["lung"]
+    bridge = (np.abs(x) < 40) & (np.abs(y) < 8) & (np.abs(z - 20) < 8)  # joins the two lungs
+    voxels[bridge] = samples.HU["lung"]
     joined = Volume(voxels, ct.ijk_to_ras)
     events = _ask(engine, joined, "show me the left lung", "joined")
-    assert [m.label for m in _of(events, MaskOut)] == ["Lungs"]
-    assert "could not tell right from left" in _text(events)
+    (mask,) = _of(events, MaskOut)
+    assert mask.label == "Left lung"
+    analytic_ml = 4 / 3 * np.pi * np.prod(samples.LUNG_SEMI_AXES) / 1000
+    bridge_ml = bridge.sum() * np.prod(joined.spacing) / 1000
+    assert mask.stats["volume_ml"] == pytest.approx(analytic_ml + bridge_ml / 2, rel=0.03)
+    assert np.all(x[mask.mask] < 1.0)  # nothing of it on the patient's right
+
+
+def test_a_missing_side_or_structure_is_said_to_be_absent(engine, ct):
+    from medmllm.geometry.volume import Volume
+
+    x, _, _ = _ras(ct)
+    voxels = ct.voxels.copy()
+    voxels[(x > 0) & (voxels < -400) & (voxels > -900)] = samples.HU["body"]  # right lung gone
+    one_lung = Volume(voxels, ct.ijk_to_ras)
+    events = _ask(engine, one_lung, "how big is the right lung?", "one-lung")
+    assert not _of(events, MaskOut)
+    assert "The right lung is not in this scan; I found only the left lung." in _text(events)
+    no_air = Volume(np.where(ct.voxels < -400, 40, ct.voxels).astype(np.int16), ct.ijk_to_ras)
+    body = Volume(np.pad(no_air.voxels, 2, constant_values=-1000), ct.ijk_to_ras)
+    events = _ask(engine, body, "show me the lungs", "no-air")
+    assert not _of(events, MaskOut)
+    assert "The lungs are not in this scan" in _text(events)
