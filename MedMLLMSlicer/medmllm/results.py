@@ -244,7 +244,7 @@ class ResultWriter:
         count = int(np.count_nonzero(mask))
         voxel_ml = voxel_volume_mm3(self.volume.ijk_to_ras) / 1000.0
         bounds = mask_bbox(mask)
-        self.masks.append(MaskOut(event.label, mask, color, dict(event.stats)))
+        self.masks.append(MaskOut(event.label, mask, color, dict(event.stats), event.terminology))
         payload = {
             "type": "mask",
             "index": index,
@@ -275,7 +275,9 @@ class ResultWriter:
             if not masks or self._written_masks == len(masks):
                 return path if masks else None
             names = unique_names([m.label for m in masks])
-            segments = [Segment(name, m.mask, m.color) for name, m in zip(names, masks)]
+            segments = [
+                Segment(name, m.mask, m.color, terminology=m.terminology) for name, m in zip(names, masks)
+            ]
             partial = self.out_dir / f".partial-{SEGMENTATION_FILE}"
             write_seg_nrrd(partial, segments, self.volume.ijk_to_ras)
             os.replace(partial, path)

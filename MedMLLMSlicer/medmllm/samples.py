@@ -274,6 +274,7 @@ TOTALSEG_SDIST = Sdist(
         _TS_REF + "example_seg_dicom.nii.gz",
         _TS_REF + "example_mr_sm.nii.gz",
         _TS_REF + "example_seg_mr.nii.gz",
+        _TS_REF + "example_seg_roi_subset",  # .nii.gz (CT) and _mr.nii.gz: roi_subset liver + brain
     ),
 )
 PYRADIOMICS_SDIST = Sdist(
@@ -462,7 +463,8 @@ def _unpacked(sdist: Sdist, member: str) -> Path:
 def fetch_sdist(sdist: Sdist) -> Path:
     """Download the pinned sdist (sha256-checked) and unpack its members; a no-op once done."""
     stamp = sdist.folder / ".complete"
-    if stamp.is_file():
+    content = "\n".join((sdist.sha256, *sdist.members)) + "\n"  # a new member list unpacks again
+    if stamp.is_file() and stamp.read_text() == content:
         return sdist.folder
     archive = cache_dir() / "sdists" / sdist.filename
     if not archive.is_file() or _sha256(archive) != sdist.sha256:
@@ -472,7 +474,7 @@ def fetch_sdist(sdist: Sdist) -> Path:
         archive.unlink()
         raise SampleError(f"{sdist.filename}: sha256 {digest} is not the pinned {sdist.sha256}; deleted")
     _unpack(sdist, archive)
-    stamp.write_text(sdist.sha256 + "\n")
+    stamp.write_text(content)
     return sdist.folder
 
 

@@ -1,7 +1,8 @@
 """Box -> 3D mask: the hook 2D grounding models use to turn a box on one slice into a segment.
 
 A 2D model can only point (a box on the slice it saw); a segmenter grows that into a 3D mask.
-The built-in `region-growing` needs no weights; better ones (MedSAM2, nnInteractive, ...) plug in
+The built-in `region-growing` needs no weights; `anatomy` picks the TotalSegmentator structure
+that fills the box (falling back to region growing); others (MedSAM2, nnInteractive, ...) plug in
 as installed packages that declare an entry point in the group `medmllm.segmenters`::
 
     [project.entry-points."medmllm.segmenters"]
@@ -45,7 +46,7 @@ class BoxSegmenter(Protocol):
         """
 
 
-def _clipped_ranges(box: IJKBox, shape: Tuple[int, int, int]) -> List[Tuple[int, int]]:
+def clipped_ranges(box: IJKBox, shape: Tuple[int, int, int]) -> List[Tuple[int, int]]:
     """The box's voxel index ranges per numpy axis [k, j, i], clipped to the array (half-open)."""
     try:
         inside, _ = box.clamp(shape)
@@ -97,7 +98,7 @@ class RegionGrowingSegmenter:
             raise SegmenterError(f"slice_axis must be 0 (i), 1 (j) or 2 (k), got {slice_axis!r}")
         voxels = volume.voxels
         normal = 2 - slice_axis  # numpy axes are [k, j, i]
-        box_ranges = _clipped_ranges(box, voxels.shape)
+        box_ranges = clipped_ranges(box, voxels.shape)
         crop = self._crop_ranges(box_ranges, normal, voxels.shape, np.asarray(volume.spacing, float))
         region = voxels[tuple(slice(a, b) for a, b in crop)]
 
@@ -170,7 +171,18 @@ class RegionGrowingSegmenter:
         return sitk.GetArrayFromImage(filled).astype(bool)
 
 
-_BUILTIN: Dict[str, Callable[[], BoxSegmenter]] = {DEFAULT_SEGMENTER: RegionGrowingSegmenter}
+def _anatomy() -> BoxSegmenter:
+    """TotalSegmentator's structure filling the box, region growing where none does
+    (`medmllm.anatomy.boxes`; needs the `anatomy` extra, else it is region growing alone)."""
+    from medmllm.anatomy.boxes import AnatomySegmenter
+
+    return AnatomySegmenter()
+
+
+_BUILTIN: Dict[str, Callable[[], BoxSegmenter]] = {
+    DEFAULT_SEGMENTER: RegionGrowingSegmenter,
+    "anatomy": _anatomy,
+}
 
 
 def _entry_points() -> List[importlib.metadata.EntryPoint]:

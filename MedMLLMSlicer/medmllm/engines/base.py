@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Union
 
 if TYPE_CHECKING:
@@ -100,12 +101,14 @@ class BoxOut:
 
 @dataclass(frozen=True)
 class MaskOut:
-    """A mask with the volume's shape ([k, j, i], bool) plus optional measurements for the report."""
+    """A mask with the volume's shape ([k, j, i], bool) plus optional measurements for the report;
+    `terminology` is a Slicer TerminologyEntry string when the engine knows the structure's codes."""
 
     label: str
     mask: np.ndarray
     color: Optional[Tuple[float, float, float]] = None
     stats: Dict[str, float] = field(default_factory=dict)
+    terminology: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,10 @@ class Engine(ABC):
     @abstractmethod
     def models(self) -> List[ModelInfo]:
         """What this engine serves, for `GET /v1/models`."""
+
+    def use_store(self, folder: Path) -> None:  # noqa: B027 - optional hook
+        """A folder in the server's store for per-volume results that outlive a restart (keyed by
+        volume id); the server calls this once. Default: nothing kept."""
 
     def prepare(self, volume: Volume, volume_id: str) -> None:  # noqa: B027 - optional hook
         """Per-volume work done once (preprocessing, vision features); default: nothing."""

@@ -89,6 +89,7 @@ def create_app(
     volumes = VolumeStore(Path(store_dir), max_volume_bytes, max_store_bytes, max_memory_bytes, max_uploads)
     results = ResultStore(Path(store_dir), max_results)
     state = ServerState(engine, volumes, results, Path(store_dir), answer_timeout_s)
+    engine.use_store(Path(store_dir) / "engines" / engine.name)
     app = FastAPI(
         title="MedMLLMSlicer model server",
         version=medmllm.__version__,

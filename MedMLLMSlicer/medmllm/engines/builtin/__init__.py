@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from medmllm.anatomy.catalogue import Part
+from medmllm.anatomy.runner import AnatomyUnavailable, RunCancelled, RunFailed
+from medmllm.anatomy.tool import AnatomyTool, names_a_structure
 from medmllm.engines.base import (
     BoxOut,
     Capabilities,
@@ -33,6 +37,7 @@ from medmllm.engines.builtin.mri_tools import BrainMaskError, brain_mask
 from medmllm.engines.builtin.report import guess_modality, volume_report
 from medmllm.geometry.boxes import IJKBox
 from medmllm.geometry.volume import Volume
+from medmllm.samples import cache_dir
 
 NOT_AN_LLM = "(Built-in image-analysis tools, not a language model.)"
 BRAIN_PLAUSIBLE_ML = 500.0  # adult brains are 1000-1700 mL; far less suggests the wrong kind of image
@@ -51,6 +56,10 @@ COLOURS: Dict[str, Tuple[float, float, float]] = {
         "Brain": (250, 250, 225),
     }.items()
 }
+ORGANS_NOTE = (
+    "Rows marked (TotalSegmentator) are its segmentation (Wasserthal et al., Radiology: AI 2023), run "
+    "on this volume when an organ was asked for."
+)
 METHOD_NOTES = {
     "CT": "CT tools: body > -500 HU (trunk and arms, not the table; holes filled per slice); lungs "
     "< -400 HU regions with the median HU of lung tissue (bowel gas is purer air), split at the "
@@ -76,7 +85,8 @@ class _VolumeState:
 
 
 class BuiltinEngine(Engine):
-    """Options: `extra["brain_method"]` = "auto" (default), "deepbet" or "classical"."""
+    """Options: `extra["brain_method"]` = "auto" (default), "deepbet" or "classical"; the
+    `anatomy*` options of `medmllm.anatomy.tool` (TotalSegmentator for every named organ)."""
 
     name = "builtin"
 
@@ -87,6 +97,10 @@ class BuiltinEngine(Engine):
             raise EngineError(f"brain_method must be auto, deepbet or classical; got {self.brain_method!r}")
         self._states: OrderedDict = OrderedDict()
         self._states_lock = threading.Lock()
+        try:
+            self.anatomy = AnatomyTool(self.options.extra, cache_dir() / "anatomy")
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
 
     def models(self) -> List[ModelInfo]:
         return [
@@ -104,6 +118,9 @@ class BuiltinEngine(Engine):
             )
         ]
 
+    def use_store(self, folder: Path) -> None:
+        self.anatomy.use_store(folder / "anatomy")
+
     def prepare(self, volume: Volume, volume_id: str) -> None:
         self._state(volume, volume_id)
 
@@ -117,8 +134,17 @@ class BuiltinEngine(Engine):
         if cancel.is_set():
             return
         state = self._state(ctx.volume, ctx.volume_id)
+        if request.intent not in ("report", "help"):
+            parts = self.anatomy.parts(ctx.question, state.modality[0])
+            answered = (yield from self._anatomy(ctx, state, request, parts, cancel)) if parts else False
+            if answered or cancel.is_set():
+                return
+            missing = self.anatomy.missing(state.modality[0])
+            if not parts and not request.structures and missing and names_a_structure(ctx.question):
+                yield from _words(missing, cancel)
+                return
         if request.intent == "report":
-            yield from self._report(state, cancel)
+            yield from self._report(state, ctx.volume_id, cancel)
         elif request.structures:
             yield from self._answer(state, request, cancel)
         elif request.unknown:
@@ -159,11 +185,13 @@ class BuiltinEngine(Engine):
             }
             return tools[key]()
 
-    def _measure(self, state: _VolumeState, label: str, mask: np.ndarray) -> Measurement:
+    def _measure(self, state: _VolumeState, label: str, mask: np.ndarray, key: str = "") -> Measurement:
+        """Measured once per volume and `key` (default: the label)."""
+        key = key or label
         with state.lock:
-            if label not in state.measurements:
-                state.measurements[label] = measure(label, mask, state.volume.voxels, state.volume.ijk_to_ras)
-            return state.measurements[label]
+            if key not in state.measurements:
+                state.measurements[key] = measure(label, mask, state.volume.voxels, state.volume.ijk_to_ras)
+            return state.measurements[key]
 
     def _reference(self, state: _VolumeState) -> Optional[Measurement]:
         """Body (CT) or brain (MR) measurement: what left/right/midline is judged against."""
@@ -204,8 +232,10 @@ class BuiltinEngine(Engine):
         mask: np.ndarray,
         reference: Optional[Measurement],
         cancel: threading.Event,
+        part: Optional[Part] = None,
     ) -> Iterator[EngineEvent]:
-        m = self._measure(state, label, mask)
+        """One structure's answer; `part` when it is a TotalSegmentator structure (colour, terminology)."""
+        m = self._measure(state, label, mask, f"anatomy:{label}" if part else "")
         unit = "HU" if state.ct is not None else "intensity"
         caution = f" {SMALL_BRAIN}" if _small_brain(m) else ""
         if intent == "where":
@@ -214,14 +244,46 @@ class BuiltinEngine(Engine):
             )
             yield from _words(where_sentence(m, reference) + caution, cancel)
             return
-        colour = COLOURS.get(label)
-        yield MaskOut(label, mask, colour, m.stats())
+        colour = part.color if part else COLOURS.get(label)
+        yield MaskOut(label, mask, colour, m.stats(), part.terminology if part else None)
         text = size_sentence(m, unit)
         if intent in ("show", "segment"):
             text = f"Showing the {label.lower()} as a segment. " + text
         yield from _words(text + caution, cancel)
 
-    def _report(self, state: _VolumeState, cancel: threading.Event) -> Iterator[EngineEvent]:
+    def _anatomy(
+        self,
+        ctx: ChatContext,
+        state: _VolumeState,
+        request: intents.Request,
+        parts: List[Part],
+        cancel: threading.Event,
+    ) -> Iterator[EngineEvent]:
+        """Answer with TotalSegmentator's structures; returns False when it could not run (the
+        sentence why is said), so the built-in tools may still answer."""
+        run = self.anatomy.masks(ctx.volume, ctx.volume_id, state.modality[0], parts, cancel)
+        try:
+            masks = yield from _notes(run)
+        except RunCancelled:
+            return True
+        except AnatomyUnavailable as exc:
+            yield from _words(str(exc), cancel)
+            return False
+        except RunFailed as exc:
+            yield from _words(f"TotalSegmentator failed: {exc}", cancel)
+            return False
+        intent = request.intent if request.intent in intents.ASKS_ABOUT_A_STRUCTURE else "show"
+        reference = self._reference(state) if intent == "where" else None
+        for part, mask in masks:
+            if cancel.is_set():
+                return True
+            if not mask.any():
+                yield from _words(f"TotalSegmentator found no {part.name.lower()} in this volume.", cancel)
+                continue
+            yield from self._one_segment(state, intent, part.name, mask, reference, cancel, part)
+        return True
+
+    def _report(self, state: _VolumeState, volume_id: str, cancel: threading.Event) -> Iterator[EngineEvent]:
         keys = [s.key for s in intents.STRUCTURES if s.modality == state.modality[0]]
         findings: List[Measurement] = []
         notes: List[str] = [METHOD_NOTES[state.modality[0]]] if state.modality[0] in METHOD_NOTES else []
@@ -235,6 +297,12 @@ class BuiltinEngine(Engine):
                 notes.append(str(exc))
                 continue
             findings += [self._measure(state, label, mask) for label, mask in segments.items()]
+        organs = self.anatomy.report_parts(volume_id, state.modality[0])
+        findings += [
+            self._measure(state, f"{p.name} (TotalSegmentator)", m, f"anatomy:{p.name}") for p, m in organs
+        ]
+        if organs:
+            notes.append(ORGANS_NOTE)
         if state.brain is not None:
             notes.append(f"Brain mask method: {state.brain[1]}.")
         notes += [SMALL_BRAIN for m in findings if _small_brain(m)]
@@ -274,6 +342,16 @@ def _absent_sentence(key: str, side: Optional[str], found: Dict[str, np.ndarray]
         f"The {title} {'are' if title.endswith('s') else 'is'} not in this scan, as far as the built-in "
         "tools can tell."
     )
+
+
+def _notes(run: Iterator[str]) -> Iterator[TokenOut]:
+    """A runner's progress notes as tokens; returns what the runner returns."""
+    while True:
+        try:
+            note = next(run)
+        except StopIteration as done:
+            return done.value
+        yield TokenOut(note)
 
 
 def _words(text: str, cancel: threading.Event) -> Iterator[TokenOut]:
