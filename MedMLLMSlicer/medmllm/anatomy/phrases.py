@@ -40,6 +40,8 @@ def _phrases(task: str) -> Tuple[_Phrase, ...]:
 
 
 def _spans(text: str, phrase: str) -> List[Tuple[int, int]]:
+    if phrase not in text:  # the cheap test first: most of the ~2000 phrases are not there
+        return []
     if _has_cjk(phrase):
         return [(m.start(), m.end()) for m in re.finditer(re.escape(phrase), text)]
     pattern = rf"(?<![a-z0-9]){re.escape(phrase)}(?![a-z0-9])"

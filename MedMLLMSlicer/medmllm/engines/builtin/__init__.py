@@ -7,6 +7,7 @@ not a language model. Expensive masks are cached per volume id for the last few 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -298,9 +299,9 @@ class BuiltinEngine(Engine):
                 continue
             findings += [self._measure(state, label, mask) for label, mask in segments.items()]
         organs = self.anatomy.report_parts(volume_id, state.modality[0])
-        findings += [
-            self._measure(state, f"{p.name} (TotalSegmentator)", m, f"anatomy:{p.name}") for p, m in organs
-        ]
+        for part, mask in organs:
+            measured = self._measure(state, part.name, mask, f"anatomy:{part.name}")
+            findings.append(dataclasses.replace(measured, label=f"{part.name} (TotalSegmentator)"))
         if organs:
             notes.append(ORGANS_NOTE)
         if state.brain is not None:
