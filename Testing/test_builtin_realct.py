@@ -14,7 +14,7 @@ from conftest import load_script
 
 eval_realct = load_script("eval_realct")
 
-BONE_DICE_FLOOR = {"abdomen-ct": 0.88, "abdomen-ct-crop": 0.80, "ct-dicom": 0.73}
+BONE_DICE_FLOOR = {"abdomen-ct": 0.88, "abdomen-ct-crop": 0.83, "ct-dicom": 0.70}
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def synthetic_ct(
     trachea = ((i - ni / 2) / 12.0) ** 2 + ((j - nj * 0.4) / 12.0) ** 2 <= 1
     ct[np.broadcast_to(trachea & (k > nk * 0.6), shape)] = -1000
     spine = ((i - ni / 2) / 25.0) ** 2 + ((j - nj * 0.72) / 25.0) ** 2 <= 1
-    ct[np.broadcast_to(spine, shape)] = 700
+    ct[np.broadcast_to(spine, shape)] = 1100  # cortical density (a 350-1000 HU solid is a vessel lumen)
     ct += np.random.default_rng(seed).integers(-20, 21, size=shape, dtype=np.int16)
     matrix = np.diag([-0.7, -0.7, 1.0, 1.0])
     matrix[:3, 3] = (180.0, 180.0, -150.0)

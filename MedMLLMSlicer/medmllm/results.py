@@ -33,6 +33,7 @@ from medmllm.engines.base import (
     WarningOut,
 )
 from medmllm.geometry.transforms import voxel_volume_mm3
+from medmllm.preview import write_preview
 
 if TYPE_CHECKING:
     from medmllm.geometry.boxes import IJKBox, RoiRAS
@@ -41,7 +42,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("medmllm.results")
 
 SEGMENTATION_FILE = "segmentation.seg.nrrd"
-NORMALS = {"axial": (0, 0, 1), "coronal": (0, 1, 0), "sagittal": (1, 0, 0)}
 PALETTE = (
     (0.90, 0.30, 0.25),
     (0.25, 0.60, 0.90),
@@ -376,93 +376,6 @@ def answer_events(
     total = time.perf_counter() - started
     timings = {"first_event_s": first if first is not None else total, "total_s": total, "tokens": tokens}
     yield from writer.done(timings, cancelled=cancel.is_set())
-
-
-def write_preview(path: Path, volume: Volume, boxes: List[Dict[str, Any]], masks: List[MaskOut]) -> Path:
-    """Axial, coronal and sagittal slices through the first finding, with box and mask outlines."""
-    from PIL import Image
-
-    focus = _focus(volume, boxes, masks)
-    panels = [_panel(volume, o, focus, boxes, masks) for o in ("axial", "coronal", "sagittal")]
-    height = max(p.height for p in panels)
-    sheet = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), height))
-    x = 0
-    for panel in panels:
-        sheet.paste(panel, (x, (height - panel.height) // 2))
-        x += panel.width + 4
-    sheet.save(path)
-    return path
-
-
-def _focus(volume: Volume, boxes: List[Dict[str, Any]], masks: List[MaskOut]) -> np.ndarray:
-    """IJK point the preview slices pass through: the first box or mask, else the volume centre."""
-    if boxes:
-        v = boxes[0]["voxels"]
-        return (np.array(v["min"]) + np.array(v["max"])) / 2.0
-    for m in masks:
-        bounds = mask_bbox(m.mask)
-        if bounds:
-            return (np.array(bounds[:3]) + np.array(bounds[3:])) / 2.0
-    return (np.array(volume.shape[::-1]) - 1) / 2.0
-
-
-def _panel(volume: Volume, orientation: str, focus: np.ndarray, boxes, masks):
-    """One labelled slice, drawn at native resolution then scaled to square millimetres."""
-    from PIL import Image, ImageDraw
-
-    from medmllm.geometry.slices import export_slice
-    from medmllm.geometry.transforms import nearest_axis
-
-    axis = nearest_axis(volume.ijk_to_ras, NORMALS[orientation])
-    index = int(np.clip(round(float(focus[axis])), 0, volume.shape[2 - axis] - 1))
-    sl = export_slice(volume, orientation, index)
-    rgb = np.repeat(sl.pixels[:, :, None], 3, axis=2)
-    for m in masks:
-        rgb[_outline(_mask_on_slice(m.mask, sl))] = [int(255 * c) for c in m.color]
-    image = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(image)
-    drawn = []
-    for b in boxes:
-        lo, hi = np.array(b["ijk"]["lo"]), np.array(b["ijk"]["hi"])
-        if lo[axis] <= index <= hi[axis]:
-            corners = _box_corners_on_slice(lo, hi, axis, index, sl)
-            draw.polygon(corners, outline=tuple(int(255 * c) for c in b["color"]))
-            drawn.append((b["label"], corners[0]))
-    sx, sy = np.array(sl.pixel_spacing) / min(sl.pixel_spacing)
-    zoom = max(1.0, 256.0 / max(sl.width * sx, sl.height * sy))
-    size = (round(sl.width * sx * zoom), round(sl.height * sy * zoom))
-    image = image.resize(size, Image.NEAREST)
-    draw = ImageDraw.Draw(image)
-    for label, (c, r) in drawn:
-        draw.text(((c + 0.5) * sx * zoom, (r + 0.5) * sy * zoom), label, fill=(255, 255, 0))
-    draw.text((4, 4), f"{orientation} {index}", fill=(255, 255, 255))
-    return image
-
-
-def _mask_on_slice(mask: np.ndarray, sl) -> np.ndarray:
-    """Sample a [k, j, i] mask at every pixel centre of a slice through its pixel->IJK map."""
-    rows, cols = np.mgrid[0 : sl.height, 0 : sl.width]
-    ijk = np.rint(sl.pixels_to_ijk(np.column_stack([cols.ravel(), rows.ravel()]))).astype(int).T
-    shape = np.array(mask.shape[::-1])[:, None]
-    inside = np.all((ijk >= 0) & (ijk < shape), axis=0)
-    out = np.zeros(ijk.shape[1], dtype=bool)
-    out[inside] = mask[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
-    return out.reshape(sl.height, sl.width)
-
-
-def _outline(region: np.ndarray) -> np.ndarray:
-    padded = np.pad(region, 1)
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    return region & ~interior
-
-
-def _box_corners_on_slice(lo, hi, axis: int, index: int, sl) -> List[Tuple[float, float]]:
-    """The box's four in-plane IJK edge corners as (col, row) pixel coordinates."""
-    a, b = (x for x in range(3) if x != axis)
-    corners = np.zeros((4, 3))
-    corners[:, axis] = index
-    corners[:, [a, b]] = [(lo[a], lo[b]), (hi[a], lo[b]), (hi[a], hi[b]), (lo[a], hi[b])]
-    return [(float(c), float(r)) for c, r in sl.ijk_to_pixels(corners)]
 
 
 def _box_from_voxels(bounds: Tuple[int, int, int, int, int, int]) -> IJKBox:

@@ -170,7 +170,9 @@ LUNG_CENTRES = ((70.0, 0.0, 20.0), (-70.0, 0.0, 20.0))  # right (+x), left (-x)
 LUNG_SEMI_AXES = (45.0, 60.0, 90.0)
 TRACHEA = (0.0, 10.0, 8.0, 60.0)  # x, y, radius, lowest S; runs up to the top of the volume
 SPINE = (0.0, -70.0, 15.0)  # x, y, radius; full length
-HU = {"air": -1000.0, "body": 40.0, "lung": -850.0, "trachea": -1000.0, "bone": 700.0}
+# Solid bone at cortical density: a solid block at contrast-blood density (350-1000 HU) would be
+# taken for a vessel lumen by the CT tools, as it should be.
+HU = {"air": -1000.0, "body": 40.0, "lung": -850.0, "trachea": -1000.0, "bone": 1100.0}
 
 
 def chest_ct_phantom(

@@ -53,7 +53,7 @@ def parse_slice(text: Optional[str], volume) -> Tuple[str, Optional[int]]:
     if not index.strip().isdigit():
         raise UsageError(f"--slice index must be a whole number >= 0; got {index!r}")
     from medmllm.geometry.transforms import nearest_axis
-    from medmllm.results import NORMALS
+    from medmllm.preview import NORMALS
 
     count = volume.shape[2 - nearest_axis(volume.ijk_to_ras, NORMALS[axis])]
     if int(index) >= count:

@@ -1,9 +1,10 @@
-"""`medmllm demo`: the whole job on real and synthetic volumes, offline after the first run.
+"""`medmllm demo`: the whole job on real scans, offline after the first run.
 
-A real head MRI (MNI152 template, read out of the nilearn wheel) and a synthetic chest CT with
-known anatomy go through a local model server (HTTP upload by content hash, streamed answer,
-result download) with the built-in engine; answers, ROI markups and segmentations land in
---out, ready to drag into 3D Slicer. Sources and licences of the data are printed.
+A real contrast chest CT, then a real abdominal CT (both from the TotalSegmentator 2.18.0 sdist),
+then a real head MRI (MNI152 template, read out of the nilearn wheel) go through a local model
+server (HTTP upload by content hash, streamed answer, result download) with the built-in engine;
+answers, ROI markups, segmentations and preview pictures land in --out, ready to drag into
+3D Slicer. Sources, licences and attribution of the data are printed.
 """
 
 from __future__ import annotations
@@ -18,20 +19,26 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from medmllm.cli import UsageError
 
 EventSink = Callable[[Dict[str, Any]], None]
 
-MRI_QUESTIONS = ("report", "where is the brain?", "how big is the brain?", "显示脑")
-CT_QUESTIONS = (
-    "where is the left lung?",
-    "show me the lungs",
-    "how big is the airway?",
-    "显示骨骼",
-    "where is the liver?",
+CHEST_QUESTIONS = (
     "report",
+    "where is the trachea?",
+    "show me the lungs",
+    "how big is the left lung?",
+    "segment the bones",
+    "显示右肺",
+    "where is the liver?",
+)
+ABDOMEN_QUESTIONS = ("show me the lungs", "where is the trachea?", "segment the bones", "报告")
+MRI_QUESTIONS = ("report", "where is the brain?", "how big is the brain?", "显示脑")
+REAL_CT_CASES = (
+    ("chest-ct", "ct-chest", "Chest CT (real, contrast)", CHEST_QUESTIONS),
+    ("abdomen-ct", "ct-abdomen", "Abdominal CT (real)", ABDOMEN_QUESTIONS),
 )
 SERVER_START_S = 30.0
 
@@ -74,11 +81,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_cases(console: Any, download: bool = True) -> List[DemoCase]:
-    """The MNI152 MRI (when it can be fetched or is cached) and the synthetic chest CT."""
+    """The real chest CT, the real abdominal CT, then the MNI152 MRI (each when it can be fetched or
+    is cached; what is missing is said and skipped)."""
     from medmllm import samples
     from medmllm.geometry.volume import Volume
 
-    cases: List[DemoCase] = []
+    cases = [
+        c for c in (real_ct_case(*spec, console=console, download=download) for spec in REAL_CT_CASES) if c
+    ]
     get = samples.fetch_asset if download else samples.find_asset
     try:
         for weights in (samples.DEEPBET_MODEL, samples.DEEPBET_BBOX):
@@ -97,24 +107,24 @@ def demo_cases(console: Any, download: bool = True) -> List[DemoCase]:
         cases.append(DemoCase("mri-mni152", "Head MRI (real)", Volume.from_file(path), source, MRI_QUESTIONS))
     except samples.SampleError as exc:
         console.print(f"[yellow]MNI152 MRI skipped: {exc}[/]")
-    cases.append(chest_case())
     return cases
 
 
-def chest_case(
-    shape: Sequence[int] = (100, 112, 160), spacing: Sequence[float] = (2.0, 2.0, 3.0)
-) -> DemoCase:
-    """The synthetic chest CT, centred on the RAS origin; `shape` is (k, j, i), `spacing` (i, j, k)."""
-    import numpy as np
+def real_ct_case(
+    scan_name: str, folder: str, title: str, questions: Tuple[str, ...], console: Any, download: bool = True
+) -> Optional[DemoCase]:
+    """A real CT of medmllm.samples as a demo case, with its description, licence and attribution."""
+    from medmllm import samples
 
-    from medmllm.samples import chest_ct_phantom
-
-    matrix = np.diag([*spacing, 1.0])
-    matrix[:3, 3] = [-(n - 1) * s / 2 for n, s in zip(shape[::-1], spacing)]
-    source = "synthetic chest CT phantom made by medmllm.samples.chest_ct_phantom (no third-party data)"
-    return DemoCase(
-        "ct-chest-phantom", "Chest CT (synthetic)", chest_ct_phantom(shape, matrix), source, CT_QUESTIONS
-    )
+    scan = samples.real_scan(scan_name)
+    try:
+        if download:
+            samples.fetch_sdist(scan.sdist)
+        volume = samples.load_real_scan(scan)
+    except samples.SampleError as exc:
+        console.print(f"[yellow]{title} skipped: {exc}[/]")
+        return None
+    return DemoCase(folder, title, volume, f"{scan.description}; {scan.attribution}", questions)
 
 
 def run_demo(cases: Sequence[DemoCase], out_dir: Path, via_server: bool, console: Any) -> List[Path]:

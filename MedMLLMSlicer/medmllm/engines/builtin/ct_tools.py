@@ -131,10 +131,14 @@ class CTAnalysis:
             from scipy import ndimage
 
             inside = ndimage.binary_dilation(self.body_coarse())
-            bones = ct_bones.find_bones(self.hu_c, inside, self.spacing_c, self.coarse_voxel_ml)
+            bones, vessels = ct_bones.find_bones(self.hu_c, inside, self.spacing_c, self.coarse_voxel_ml)
             if not bones.any():
                 return {}
-            return {"Bone": grid.refine(bones, self.f, self.hu >= ct_bones.BONE_MIN_HU)}
+            full = grid.refine(bones, self.f, self.hu >= ct_bones.BONE_MIN_HU)
+            full &= self.hu > ct_bones.MARROW_MIN_HU  # enclosed gas is no marrow
+            if vessels.any():  # the boundary band must not take lumen voxels back
+                full &= ~grid.upsample(vessels, self.f, self.hu.shape)
+            return {"Bone": full}
 
         return self._cached("bone", compute)
 
