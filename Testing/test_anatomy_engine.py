@@ -166,3 +166,14 @@ def _chat(engine, volume, question):
 
 def _text(events) -> str:
     return "".join(e.text for e in events if isinstance(e, TokenOut))
+
+
+def test_mr_at_full_resolution_asks_a_roi_subset(tmp_path):
+    """total_mr on the sdist's abdominal MR; one organ at full resolution runs as roi_subset."""
+    volume = samples.load_real_scan(samples.real_scan("abdomen-mr"))
+    extra = dict(DOUBLE, anatomy_fast="no")
+    engine = BuiltinEngine(EngineOptions(extra=extra))
+    engine.use_store(tmp_path)
+    (mask,) = [e for e in _chat(engine, volume, "显示肝脏") if isinstance(e, MaskOut)]
+    truth = reference("example_seg_roi_subset_mr.nii.gz", "liver", volume, task="total_mr")
+    assert mask.label == "Liver" and dice(mask.mask, truth) >= 0.99

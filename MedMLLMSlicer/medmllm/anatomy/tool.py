@@ -98,6 +98,24 @@ class AnatomyTool:
         labels = yield from self.runner.labels(volume, volume_id, task, wanted, cancel)
         return [(p, _mask(labels, task, p)) for p in parts]
 
+    def structure_in_box(
+        self, volume, volume_id: str, modality: str, box, cancel: threading.Event
+    ) -> Iterator[str]:
+        """Progress notes; returns (part, mask, IoU) of the structure whose extent fits a user's ROI
+        best (the ROI's thinnest axis is its slab), or None when none fits (`boxes.MIN_IOU`)."""
+        from medmllm.anatomy.boxes import MIN_IOU, best_label
+        from medmllm.segmenters import clipped_ranges
+
+        task = TASK_OF_MODALITY[modality]
+        labels = yield from self.runner.labels(volume, volume_id, task, [], cancel)
+        ranges = clipped_ranges(box, volume.voxels.shape)
+        normal = int(np.argmin([b - a for a, b in ranges]))
+        found = best_label(labels, ranges, normal)
+        if found is None or found[1] < MIN_IOU:
+            return None
+        part = catalogue.class_part(task, catalogue.class_map(task)[found[0]])
+        return part, labels == found[0], found[1]
+
     def report_parts(self, volume_id: str, modality: str) -> List[Tuple[Part, np.ndarray]]:
         """The major organs' masks when TotalSegmentator already ran on this volume, else []."""
         if not (self.enabled and self.installed()):

@@ -112,7 +112,7 @@ class BuiltinEngine(Engine):
                 "measurements and a templated report; keyword routing in English and Chinese. "
                 "Not a language model.",
                 capabilities=Capabilities(
-                    input="volume3d", boxes=True, masks=True, region_input=False, languages=("en", "zh")
+                    input="volume3d", boxes=True, masks=True, region_input=True, languages=("en", "zh")
                 ),
                 licence="Apache-2.0 (this project); brain network weights: deepbet, MIT",
                 intended_use="Teaching, demos and pipeline checks without a GPU; not for diagnosis.",
@@ -135,6 +135,11 @@ class BuiltinEngine(Engine):
         if cancel.is_set():
             return
         state = self._state(ctx.volume, ctx.volume_id)
+        about_box = ctx.roi is not None and self.anatomy.enabled and not request.structures
+        about_box = about_box and request.intent not in ("report", "help")
+        if about_box and not self.anatomy.parts(ctx.question, state.modality[0]):
+            yield from self._roi(ctx, state, cancel)
+            return
         if request.intent not in ("report", "help"):
             parts = self.anatomy.parts(ctx.question, state.modality[0])
             answered = (yield from self._anatomy(ctx, state, request, parts, cancel)) if parts else False
@@ -283,6 +288,26 @@ class BuiltinEngine(Engine):
                 continue
             yield from self._one_segment(state, intent, part.name, mask, reference, cancel, part)
         return True
+
+    def _roi(self, ctx: ChatContext, state: _VolumeState, cancel: threading.Event) -> Iterator[EngineEvent]:
+        """The user's box: TotalSegmentator's structure that fills it best, as a segment."""
+        if not self.anatomy.installed():
+            yield from _words(f"Telling what a box holds: {self.anatomy.missing(state.modality[0])}", cancel)
+            return
+        run = self.anatomy.structure_in_box(ctx.volume, ctx.volume_id, state.modality[0], ctx.roi, cancel)
+        try:
+            found = yield from _notes(run)
+        except RunCancelled:
+            return
+        except (AnatomyUnavailable, RunFailed) as exc:
+            yield from _words(str(exc), cancel)
+            return
+        if found is None:
+            yield from _words("No structure TotalSegmentator knows fills this box.", cancel)
+            return
+        part, mask, iou = found
+        yield from _words(f"The box holds the {part.name.lower()} (box overlap {iou:.2f}).", cancel)
+        yield from self._one_segment(state, "show", part.name, mask, None, cancel, part)
 
     def _report(self, state: _VolumeState, volume_id: str, cancel: threading.Event) -> Iterator[EngineEvent]:
         keys = [s.key for s in intents.STRUCTURES if s.modality == state.modality[0]]
