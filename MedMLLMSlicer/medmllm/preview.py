@@ -36,7 +36,7 @@ def write_preview(path: Path, volume: Volume, boxes: List[Dict[str, Any]], masks
 
     from medmllm.atomic import write_atomic
 
-    name, window = choose_window(volume, [m.label for m in masks])
+    name, window = choose_window(volume, [m.label for m in masks] + [str(b["label"]) for b in boxes])
     focus = _focus(volume, boxes, masks)
     panels = [_panel(volume, o, focus, boxes, masks, window, name) for o in NORMALS]
     height = max(p.height for p in panels)

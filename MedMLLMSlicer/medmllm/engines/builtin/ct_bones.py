@@ -23,8 +23,13 @@ MARROW_MIN_HU = -200.0  # fatty marrow is above this; filled holes below it are 
 VESSEL_DEPTH_MM = 9.0  # dense voxels this far inside a dense region are a vessel or heart lumen
 VESSEL_STEPS = 5  # coarse voxels the lumen is grown by, through dense voxels, to take its rim
 # Median HU of a deep dense core that is contrast blood: the real chest CT's heart and aorta cores
-# are at 460-500 HU, deep cores of bone at 277-280 HU (trabecular) or above 1000 (metal implants).
-VESSEL_CORE_HU = (350.0, 1000.0)
+# are at 410-490 HU, deep cores of bone at 270-280 HU (trabecular), 700-900 HU (cortex-dominated,
+# a few voxels) or near 3000 HU (metal implants).
+VESSEL_CORE_HU = (350.0, 700.0)
+MIN_CORE_ML = 0.5  # smaller cores are specks inside bone, not a lumen
+# A deep core this large is an organ or heart chamber whatever its density (the enhancing spleen of
+# the real chest CT); the deep cores of bone are a few mL (a femoral head: 3 mL at 3 mm).
+ORGAN_CORE_ML = 15.0
 CLOSING_MM = 3.0  # bridges gaps in thin cortex before hole filling
 MIN_PART_ML = 0.5  # bone fragments smaller than this are noise
 
@@ -53,12 +58,16 @@ def _vessels(hu_c: np.ndarray, dense: np.ndarray, spacing_kji) -> np.ndarray:
     voxels around them."""
     from scipy import ndimage
 
-    depth = ndimage.distance_transform_edt(dense, sampling=spacing_kji)
+    # depth of the smoothed dense region: a heterogeneously enhancing organ is solid once smoothed
+    solid = ndimage.uniform_filter(hu_c.astype(np.float32), 3) >= BONE_MIN_HU
+    depth = ndimage.distance_transform_edt(solid, sampling=spacing_kji)
     labels, sizes = grid.components(depth >= VESSEL_DEPTH_MM)
     if sizes.size < 2:
         return np.zeros_like(dense)
     medians = np.asarray(ndimage.median(hu_c, labels, np.arange(1, sizes.size)))
-    lumen = np.concatenate([[False], (medians >= VESSEL_CORE_HU[0]) & (medians <= VESSEL_CORE_HU[1])])
+    ml = sizes[1:] * float(np.prod(spacing_kji)) / 1000.0
+    blood = (medians >= VESSEL_CORE_HU[0]) | (ml >= ORGAN_CORE_ML)
+    lumen = np.concatenate([[False], blood & (medians <= VESSEL_CORE_HU[1]) & (ml >= MIN_CORE_ML)])
     structure = np.ones((3, 3, 3), bool)
     return ndimage.binary_dilation(lumen[labels], structure, iterations=VESSEL_STEPS, mask=dense)
 
