@@ -16,15 +16,8 @@ Wire format (what `vllm serve` sends back, and what the `openai` SDK parses):
   quoted in vllm-project/vllm#23402 and #19144); a wrong key gets 401 `{"error": "Unauthorized"}`
   (vLLM's --api-key middleware).
 
-Model answers the phantom tests use, each in the grammar its family really emits:
-- internvl (MedRegA): `<ref>carotid vessel wall</ref><box>[[365, 293, 416, 598]]</box>`, ints 0-999
-  of the image (xmed-lab/MedRegA demo_data/data_file.jsonl; evaluator_reg.py divides by 999);
-- qwen25vl: a ```json fenced list of `{"bbox_2d": [x1, y1, x2, y2], "label": ...}` in absolute pixels
-  of the image the model saw (reference/models/minigptmed-medrega.md §3; QwenLM/Qwen3-VL#676);
-- medgemma: a ```json list of `{"box_2d": [y0, x0, y1, x1], "label": ...}`, 0-1000 of the padded square
-  (Google-Health/medgemma notebooks/cxr_anatomy_localization_with_hugging_face.ipynb, reference §3);
-- minigptmed: `<p>tumor</p> {<29><43><42><56>}`, ints 0-100 (Vision-CAIR/MiniGPT-Med
-  minigpt4/datasets/datasets/nlst_dataset.py generate_caption).
+Model answers: `grounded_answer` asks the dialect for its `example_answer` (each dialect cites
+the real output its example follows; the corpus in Testing/data/model_outputs holds the real ones).
 """
 
 from __future__ import annotations
@@ -44,6 +37,7 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from medmllm.grounding.registry import get_dialect
 from PIL import Image
 
 Answer = Callable[[Dict[str, Any], List[Image.Image]], str]
@@ -224,19 +218,8 @@ def bright_box(image: Image.Image) -> Tuple[float, float, float, float]:
 
 
 def grounded_answer(dialect: str, image: Image.Image, label: str) -> str:
-    """The answer each model family would give for the bright structure, in its own grammar."""
-    x0, y0, x1, y1 = bright_box(image)
-    width, height = image.size
-    if dialect == "internvl":
-        values = [round(v * 999) for v in (x0, y0, x1, y1)]
-        return f"<ref>{label}</ref><box>[[{', '.join(map(str, values))}]]</box>"
-    if dialect == "qwen25vl":
-        values = [round(x0 * width), round(y0 * height), round(x1 * width), round(y1 * height)]
-        return f'```json\n[\n\t{{"bbox_2d": {values}, "label": "{label}"}}\n]\n```'
-    if dialect == "medgemma":
-        values = [round(v * 1000) for v in (y0, x0, y1, x1)]
-        return f'Final Answer:\n```json\n[{{"box_2d": {values}, "label": "{label}"}}]\n```'
-    if dialect == "minigptmed":
-        values = [round(v * 100) for v in (x0, y0, x1, y1)]
-        return f"<p>{label}</p> {{{''.join(f'<{v}>' for v in values)}}}"
-    raise ValueError(f"no grounded answer format for dialect {dialect!r}")
+    """The answer a perfect model of the family would give for the bright structure, in its grammar."""
+    answer = get_dialect(dialect).example_answer(bright_box(image), label, image.size)
+    if answer is None:
+        raise ValueError(f"dialect {dialect!r} writes no boxes")
+    return answer

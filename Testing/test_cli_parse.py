@@ -80,7 +80,7 @@ def test_the_bare_form_is_read_and_noted_and_keep_special_reads_tags_only(monkey
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--dialect", "llava"], "unknown dialect 'llava'; available: internvl, m3d"),
+        (["--dialect", "llava"], "unknown dialect 'llava'; available: internvl, qwen25vl"),
         (["--dialect", "qwen25vl", "--image-size", "448"], "--image-size must be WIDTHxHEIGHT"),
         (["--dialect", "qwen25vl", "--image-size", "0x448"], "--image-size must be WIDTHxHEIGHT"),
     ],

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from medmllm.grounding.base import BoxFound, ParseWarning, SegFound
-from medmllm.grounding.registry import get_dialect
+from medmllm.grounding.registry import dialect_names, get_dialect
 
 CORPUS = json.loads((Path(__file__).parent / "data" / "model_outputs" / "corpus.json").read_text("utf-8"))
 IDS = [case["id"] for case in CORPUS]
@@ -83,7 +83,7 @@ FRAGMENTS = [
 
 @settings(max_examples=150, deadline=None)
 @given(
-    name=st.sampled_from(["m3d", "minigptmed", "internvl", "qwen25vl", "medgemma", "plain"]),
+    name=st.sampled_from(dialect_names()),
     parts=st.lists(st.sampled_from(FRAGMENTS), max_size=40),
     data=st.data(),
 )

@@ -6,9 +6,9 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
-from medmllm.grounding._stream import MAX_WARNINGS
 from medmllm.grounding.base import BoxFound, ParseWarning, SegFound
-from medmllm.grounding.registry import get_dialect
+from medmllm.grounding.registry import dialect_names, get_dialect
+from medmllm.grounding.toolkit import MAX_WARNINGS
 
 
 def _parse(name, text, size=None):
@@ -178,7 +178,7 @@ def test_misuse_by_code_raises_but_model_text_never_does():
     nasty = (
         '<ref></ref><box></box><box>]]]][[[[</box>{<><><><>}<p></p>[SEG][][,,,]{}{"bbox_2d": null}\x00\ufffd'
     )
-    for name in ("m3d", "minigptmed", "internvl", "qwen25vl", "medgemma", "plain"):
+    for name in dialect_names():
         result = _parse(name, nasty, (10, 10))
         assert all(isinstance(w, str) for w in result.warnings)
         assert all(0 <= f <= 1 for b in result.boxes for f in b.fractions)

@@ -25,12 +25,14 @@ from medmllm.engines.base import (
     ViewState,
     WarningOut,
 )
-from medmllm.engines.openai import OpenAIEngine, plain_image_size, qwen_image_size
+from medmllm.engines.openai import OpenAIEngine
 from medmllm.engines.registry import create_engine, engine_names
 from medmllm.geometry.boxes import IJKBox
 from medmllm.geometry.volume import Volume
+from medmllm.grounding.images import plain_image_size
 from medmllm.grounding.internvl import UNTAGGED_NOTE
-from medmllm.grounding.registry import get_dialect
+from medmllm.grounding.qwen25vl import qwen_image_size
+from medmllm.grounding.registry import get_dialect, slice_dialect_names
 from PIL import Image
 
 SHAPE = (30, 50, 60)  # (k, j, i)
@@ -97,21 +99,28 @@ def ras_offset_in_voxels(volume: Volume, box: IJKBox) -> np.ndarray:
     return np.linalg.solve(volume.ijk_to_ras[:3, :3], roi_centre - lesion_ras)
 
 
-EXPECTED_SIZE = {
-    "internvl": (448, 448),
-    "minigptmed": (448, 448),
-    # 60 x 50 slice enlarged to at least 256*28*28 pixels (Qwen's README min_pixels), sides multiples of 28
-    "qwen25vl": (504, 420),
-    "medgemma": (896, 896),
-}
+# the 60 x 50 slice enlarged to at least 256*28*28 pixels (Qwen's README min_pixels), sides multiples of 28
+QWEN_SIZE = (504, 420)
 
 
 def test_engine_is_registered() -> None:
     assert "openai" in engine_names()
 
 
-@pytest.mark.parametrize("dialect", ["internvl", "qwen25vl", "medgemma", "minigptmed"])
+GROUNDING_2D = [n for n in slice_dialect_names() if "ground" in get_dialect(n).tasks]
+
+
+def sent_size(dialect: str, width: int, height: int) -> Any:
+    """The picture size the dialect's policy asks for, for a slice of width x height."""
+    policy = get_dialect(dialect).image
+    side = max(width, height)
+    return policy.size(side, side) if policy.pad_square else policy.size(width, height)
+
+
+@pytest.mark.parametrize("dialect", GROUNDING_2D)
 def test_phantom_box_lands_on_the_lesion_in_ras(dialect: str) -> None:
+    """Contract for every registered 2D dialect: its example answer, sent by the fake server about
+    the picture it received, becomes a box on the lesion."""
     question = "Where is the lesion?"
     with FakeOpenAIServer(lesion_answer(dialect), model="med-vlm", api_key=API_KEY) as server:
         engine = engine_for(server, dialect)
@@ -121,8 +130,8 @@ def test_phantom_box_lands_on_the_lesion_in_ras(dialect: str) -> None:
     assert request.body["model"] == "med-vlm" and request.body["stream"] is True
     assert request.headers["authorization"] == f"Bearer {API_KEY}"
     assert len(request.images) == 1 and request.images[0].format == "PNG"
-    assert request.images[0].size == EXPECTED_SIZE[dialect]
-    expected_prompt = get_dialect(dialect).build_prompt("ground", "lesion", image_size=EXPECTED_SIZE[dialect])
+    assert request.images[0].size == sent_size(dialect, SHAPE[2], SHAPE[1])
+    expected_prompt = get_dialect(dialect).build_prompt("ground", "lesion", image_size=request.images[0].size)
     assert request.prompt == expected_prompt
     # what came back: the text streamed, one box one slice thick on the lesion
     text = "".join(e.text for e in of(events, TokenOut))
@@ -182,7 +191,7 @@ def test_segment_question_yields_a_mask_of_the_lesion() -> None:
     dice = 2 * (mask_event.mask & truth).sum() / (mask_event.mask.sum() + truth.sum())
     assert mask_event.label == "lesion" and mask_event.mask.shape == SHAPE and dice >= 0.9
     assert server.requests[0].prompt == get_dialect("qwen25vl").build_prompt(
-        "ground", "lesion", image_size=EXPECTED_SIZE["qwen25vl"]
+        "ground", "lesion", image_size=QWEN_SIZE
     )
 
 

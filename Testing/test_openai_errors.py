@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from fake_openai_server import FakeOpenAIServer
 from medmllm.engines.base import ChatContext, ChatTurn, EngineError, EngineOptions, TokenOut, ViewState
-from medmllm.engines.openai import SentImage, classify_question, guess_dialect, target_phrase
+from medmllm.engines.openai import SentImage, classify_question, target_phrase
 from medmllm.engines.registry import create_engine
 from medmllm.geometry.volume import Volume
+from medmllm.grounding.registry import dialect_for_model
 
 
 def volume() -> Volume:
@@ -218,7 +219,7 @@ def test_text_still_arrives_when_the_box_is_malformed() -> None:
     ],
 )
 def test_dialect_guess(model: Any, dialect: str) -> None:
-    assert guess_dialect(model) == dialect
+    assert dialect_for_model(model) == dialect
 
 
 @pytest.mark.parametrize(

@@ -131,9 +131,9 @@ def _run_parser(name: str, image_size: Tuple[int, int], pieces: Iterable[str]) -
 
 def check_dialect(name: str, text: str, cuts: Sequence[int], image_size: Tuple[int, int]) -> None:
     """Raises AssertionError (or whatever the parser raised) if a dialect property fails."""
-    from medmllm.grounding._stream import LABEL_CHARS, MAX_WARNINGS
     from medmllm.grounding.base import BoxFound, ParseWarning, SegFound
     from medmllm.grounding.registry import get_dialect
+    from medmllm.grounding.toolkit import LABEL_CHARS, MAX_WARNINGS
 
     dialect = get_dialect(name)
     whole = _run_parser(name, image_size, [text])

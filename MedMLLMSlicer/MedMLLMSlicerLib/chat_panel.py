@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import qt
 import slicer
+from medmllm.engines.registry import engine_names
 
 from MedMLLMSlicerLib import backends, scene_writer
 from MedMLLMSlicerLib.conversation import Conversation, Item, Turn, parse_link, render_html
@@ -153,7 +154,9 @@ class ChatPanel:
         self.mode_pages = qt.QStackedWidget()
         local = qt.QFormLayout(self._page())
         self.engine_edit = qt.QLineEdit(self.settings.text("localEngine", "builtin"))
-        self.engine_edit.setToolTip("Engine of the local server: builtin (no weights), m3d, minigptmed")
+        self.engine_edit.setToolTip(
+            f"Engine of the local server (builtin needs no weights): {', '.join(engine_names())}"
+        )
         local.addRow("Local engine:", self.engine_edit)
         remote = qt.QFormLayout(self._page())
         self.url_combo = qt.QComboBox()

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any, List
 
 import qt
+from medmllm.grounding.registry import slice_dialect_names
 
 from MedMLLMSlicerLib.qtutil import prop
 
 PREFIX = "MedMLLMSlicer/"
 MODES = ("local", "remote", "openai")
-DIALECTS = ("internvl", "qwen25vl", "medgemma", "plain")
+DIALECTS = tuple(slice_dialect_names())  # what an OpenAI-compatible server's model may speak
 HISTORY = 10
 
 

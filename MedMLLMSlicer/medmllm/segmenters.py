@@ -13,13 +13,13 @@ SimpleITK is imported inside `segment` so that importing this module stays cheap
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
-from typing import TYPE_CHECKING, Callable, Dict, List, Protocol, Tuple
+from typing import TYPE_CHECKING, List, Protocol, Tuple
 
 import numpy as np
 
 from medmllm.geometry.volume import VolumeError
+from medmllm.plugins import PluginError, Registry
 
 if TYPE_CHECKING:
     from medmllm.geometry.boxes import IJKBox
@@ -171,43 +171,33 @@ class RegionGrowingSegmenter:
         return sitk.GetArrayFromImage(filled).astype(bool)
 
 
-def _anatomy() -> BoxSegmenter:
-    """TotalSegmentator's structure filling the box, region growing where none does
-    (`medmllm.anatomy.boxes`; needs the `anatomy` extra, else it is region growing alone)."""
-    from medmllm.anatomy.boxes import AnatomySegmenter
-
-    return AnatomySegmenter()
-
-
-_BUILTIN: Dict[str, Callable[[], BoxSegmenter]] = {
-    DEFAULT_SEGMENTER: RegionGrowingSegmenter,
-    "anatomy": _anatomy,
-}
-
-
-def _entry_points() -> List[importlib.metadata.EntryPoint]:
-    found = importlib.metadata.entry_points()
-    if hasattr(found, "select"):
-        return list(found.select(group=ENTRY_POINT_GROUP))
-    return list(found.get(ENTRY_POINT_GROUP, []))  # Python 3.9: a dict of groups
+# `anatomy`: TotalSegmentator's structure filling the box, region growing where none does
+# (`medmllm.anatomy.boxes`; needs the `anatomy` extra, else it is region growing alone).
+SEGMENTERS = Registry(
+    "segmenter",
+    ENTRY_POINT_GROUP,
+    {
+        DEFAULT_SEGMENTER: "medmllm.segmenters:RegionGrowingSegmenter",
+        "anatomy": "medmllm.anatomy.boxes:AnatomySegmenter",
+    },
+    check=callable,
+)
 
 
 def segmenter_names() -> List[str]:
     """Built-in segmenters plus those installed packages declare under `medmllm.segmenters`."""
-    return sorted(set(_BUILTIN) | {ep.name for ep in _entry_points()})
+    return sorted(SEGMENTERS.names())
 
 
 def get_segmenter(name: str) -> BoxSegmenter:
     """A ready segmenter by name; unknown names and broken plug-ins raise SegmenterError."""
-    if name in _BUILTIN:
-        return _BUILTIN[name]()
-    for entry in _entry_points():
-        if entry.name == name:
-            try:
-                segmenter = entry.load()()
-            except Exception as exc:
-                raise SegmenterError(f"segmenter {name!r} ({entry.value}) failed to load: {exc}") from exc
-            if not callable(getattr(segmenter, "segment", None)):
-                raise SegmenterError(f"segmenter {name!r} ({entry.value}) has no segment() method")
-            return segmenter
-    raise SegmenterError(f"unknown segmenter {name!r}; available: {', '.join(segmenter_names())}")
+    try:
+        factory = SEGMENTERS.load(name)
+        segmenter = factory()
+    except PluginError as exc:
+        raise SegmenterError(str(exc)) from exc
+    except Exception as exc:
+        raise SegmenterError(f"segmenter {name!r} failed to load: {exc}") from exc
+    if not callable(getattr(segmenter, "segment", None)):
+        raise SegmenterError(f"segmenter {name!r} has no segment() method")
+    return segmenter

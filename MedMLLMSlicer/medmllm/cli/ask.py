@@ -104,14 +104,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ask_demo_npy(args: argparse.Namespace) -> int:
-    """M3D-LaMed's official demo input: a (1, 32, 256, 256) array in [0, 1], used as is."""
-    if args.engine != "m3d" or args.server:
-        raise UsageError("a .npy input is M3D-LaMed's demo format: use it with --engine m3d (in process)")
+    """A model's own demo input (M3D-LaMed's (1, 32, 256, 256) array in [0, 1]), read by the engine
+    that declares `read_demo_input`, in process."""
     from medmllm.engines.base import EngineError
-    from medmllm.engines.m3d import load_demo_npy
+    from medmllm.engines.registry import engine_class, engine_names
 
     try:
-        volume, grid = load_demo_npy(args.volume)
+        read = None if args.server else engine_class(args.engine).read_demo_input
+    except EngineError as exc:
+        raise UsageError(str(exc)) from None
+    if read is None:
+        readers = [n for n in engine_names() if engine_class(n).read_demo_input is not None]
+        engines = " or ".join(f"--engine {n}" for n in readers)
+        raise UsageError(f"a .npy input is a model's own demo format: use it with {engines} (in process)")
+    try:
+        volume, grid = read(args.volume)
     except (EngineError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     engine = engine_from_args(args)

@@ -2,7 +2,7 @@
 
 Useful to check a model's raw output, or a new dialect, without a server or a GPU. Box values are
 printed as written; with `--image-size` each box also gets its edge fractions and pixels of that
-image. Grammars made of special tokens (internvl, m3d) are read in both forms, tagged and as a
+image. Grammars made of special tokens (InternVL's, M3D's) are read in both forms, tagged and as a
 `skip_special_tokens` decode leaves them; a note in `warnings` says when the bare form was used.
 `--keep-special` reads the tagged form only.
 """

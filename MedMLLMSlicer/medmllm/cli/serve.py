@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from medmllm.cli import UsageError
 from medmllm.engines.base import EngineError, EngineOptions
+from medmllm.grounding.registry import slice_dialect_names
 
 TOKEN_ENV = "MEDMLLM_TOKEN"
 
@@ -114,7 +115,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model path or name for the engine")
     p.add_argument("--base-url", help="OpenAI-compatible server URL (engine openai)")
     p.add_argument("--api-key", help="API key of that server")
-    p.add_argument("--dialect", help="grounding dialect of the model (e.g. internvl, qwen25vl, medgemma)")
+    p.add_argument(
+        "--dialect",
+        help=f"grounding dialect of the model (engine openai): {', '.join(slice_dialect_names())}; "
+        "default: guessed from the served model's name",
+    )
     p.add_argument("--device", help="torch device, e.g. cuda or cpu")
     p.add_argument("--dtype", help="torch dtype, e.g. bfloat16")
     p.add_argument(

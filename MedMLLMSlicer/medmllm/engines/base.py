@@ -10,7 +10,7 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Union
 
 if TYPE_CHECKING:
     import numpy as np
@@ -131,7 +131,9 @@ class EngineError(Exception):
 class Engine(ABC):
     """A model backend. Subclasses live in `medmllm/engines/<name>.py` as `ENGINE = Subclass`."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # given by the registry (`medmllm.engines.registry`) unless the class states it
+    # A reader of the model's own demo file format (path -> (Volume, grid for `prepare`)), if any.
+    read_demo_input: ClassVar[Optional[Callable[[str], Tuple[Volume, Any]]]] = None
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options

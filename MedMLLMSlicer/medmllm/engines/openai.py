@@ -51,7 +51,8 @@ from medmllm.engines.base import (
 from medmllm.geometry.slices import CT_SOFT_TISSUE, SliceImage, default_window_limits, export_slice
 from medmllm.geometry.volume import VolumeError, window_limits
 from medmllm.grounding.base import BoxFound, ParseWarning
-from medmllm.grounding.registry import get_dialect
+from medmllm.grounding.images import ImagePolicy
+from medmllm.grounding.registry import dialect_for_model, get_dialect, slice_dialect_names
 from medmllm.segmenters import DEFAULT_SEGMENTER, BoxSegmenter, SegmenterError, get_segmenter
 
 if TYPE_CHECKING:
@@ -59,24 +60,6 @@ if TYPE_CHECKING:
     from medmllm.geometry.volume import Volume
 
 Fractions = Tuple[float, float, float, float]
-
-# Served model name substrings -> dialect, first match wins (MedRegA is InternVL, Lingshu is Qwen2.5-VL).
-_DIALECT_BY_MODEL = (
-    ("medrega", "internvl"),
-    ("internvl", "internvl"),
-    ("lingshu", "qwen25vl"),
-    ("qwen2.5-vl", "qwen25vl"),
-    ("qwen2_5_vl", "qwen25vl"),
-    ("qwen2.5vl", "qwen25vl"),
-    ("medgemma", "medgemma"),
-    ("minigpt", "minigptmed"),
-)
-
-# (centre, width) of MedGemma's three CT windows, in R, G, B order.
-_MEDGEMMA_CT = ((-100.0, 2250.0), (40.0, 350.0), (40.0, 80.0))
-
-# MedRegA was trained with the Hermes-2 system message (xmed-lab/MedRegA src/internvl/conversation.py).
-_MEDREGA_SYSTEM = "Answer the questions."
 
 # Question -> task, checked in this order (English and Chinese keywords).
 _TASK_PATTERNS = (
@@ -102,12 +85,6 @@ _LEAD = re.compile(
     re.IGNORECASE,
 )
 _TAIL = re.compile(r"(\s+(in|on)\s+(this|the)\s+(image|slice|scan|ct|mri|picture|view)\b.*|在哪里?.*)$", re.I)
-
-
-def guess_dialect(model: Optional[str]) -> str:
-    """The dialect a served model most likely speaks, from its name; `plain` when unknown."""
-    name = (model or "").lower()
-    return next((dialect for key, dialect in _DIALECT_BY_MODEL if key in name), "plain")
 
 
 def classify_question(question: str) -> str:
@@ -162,102 +139,34 @@ class SentImage:
         return (cx0 + x0 * w, cy0 + y0 * h, cx0 + x1 * w, cy0 + y1 * h)
 
 
-# Qwen2.5-VL's processor keeps an image unchanged when its sides are multiples of 28 and its area
-# lies within [min_pixels, max_pixels]. Qwen's README (QwenLM/Qwen2.5-VL@f0af299, README.md) sets
-# min_pixels = 256*28*28 and max_pixels = 1280*28*28 (the checkpoint's own defaults are 56*56 and
-# 12845056): sending within that range means none of these configurations resizes the image, so
-# the model's pixels are ours. (The OCR cookbook's min_pixels = 512*28*28 is not covered.)
-QWEN_MIN_PIXELS = 256 * 28 * 28
-QWEN_MAX_PIXELS = 1280 * 28 * 28
-# Qwen-family processors refuse an aspect ratio of 200 or more (smart_resize); a slice seen edge-on
-# is stretched to at most this ratio (boxes map back through fractions, which a stretch keeps).
-MAX_ASPECT = 50.0
-MIN_SIDE = 28
-
-
-def _guard_aspect(width: float, height: float) -> Tuple[float, float]:
-    """Stretch the short side so the ratio stays below `MAX_ASPECT`."""
-    if width > height * MAX_ASPECT:
-        return width, width / MAX_ASPECT
-    if height > width * MAX_ASPECT:
-        return height / MAX_ASPECT, height
-    return width, height
-
-
-def qwen_image_size(
-    width: int,
-    height: int,
-    factor: int = 28,
-    min_pixels: int = QWEN_MIN_PIXELS,
-    max_pixels: int = QWEN_MAX_PIXELS,
-) -> Tuple[int, int]:
-    """A size Qwen2.5-VL's processor keeps unchanged (sides multiples of 28, area within its pixel
-    range), so the absolute pixel boxes it answers are pixels of exactly the image we sent. Small
-    slices are enlarged to a long side of 448 first and to `min_pixels` at least: tiny images give
-    the model almost nothing to look at, and a server set up like the cookbook would enlarge them."""
-    w, h = _guard_aspect(float(width), float(height))
-    scale = max(1.0, 448.0 / max(w, h), math.sqrt(min_pixels / (w * h)))
-    w, h = w * scale, h * scale
-    rounded = max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
-    if rounded[0] * rounded[1] < min_pixels:  # rounding down crossed the floor
-        rounded = math.ceil(w / factor) * factor, math.ceil(h / factor) * factor
-    if rounded[0] * rounded[1] <= max_pixels:
-        return rounded
-    shrink = min(1.0, math.sqrt(max_pixels / (w * h)))  # rounding up alone can cross the budget
-    w, h = w * shrink, h * shrink
-    return max(factor, math.floor(w / factor) * factor), max(factor, math.floor(h / factor) * factor)
-
-
-def plain_image_size(width: int, height: int, longest: int = 1024) -> Tuple[int, int]:
-    """Native size capped at `longest`, every side at least `MIN_SIDE` and the aspect ratio below
-    `MAX_ASPECT`: servers of Qwen-family models refuse thinner images."""
-    w, h = _guard_aspect(float(width), float(height))
-    scale = min(1.0, longest / max(w, h))
-    return max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))
-
-
-def prepare_image(view: SliceImage, dialect: str) -> SentImage:
-    """The slice as a PNG sized (for MedGemma, padded) the way the model family was trained to see it.
-
-    InternVL/MedRegA and MiniGPT-Med resize to 448x448 without padding (edge fractions survive a
-    plain resize); Qwen2.5-VL gets sides that are multiples of 28; MedGemma's localisation notebook
-    pads to a square first, so its boxes refer to the padded square and `content` records where the
-    slice lies in it. See reference/models/minigptmed-medrega.md §1.1, §2.1, §3.
-    """
-    full = (0.0, 0.0, 1.0, 1.0)
-    if dialect in ("internvl", "minigptmed"):
-        size: Tuple[int, int] = (448, 448)
-    elif dialect == "qwen25vl":
-        size = qwen_image_size(view.width, view.height)
-    elif dialect == "medgemma":
-        return _padded_square(view.pixels, 896)
-    else:
-        size = plain_image_size(view.width, view.height)
-    return SentImage(view.to_png_bytes(size), size, full)
-
-
-def _padded_square(pixels: np.ndarray, side: int) -> SentImage:
-    """Centre the slice (gray [rows, cols] or RGB [rows, cols, 3]) on a black square, then resize to
-    `side`; remember where the slice went."""
+def prepare_image(pixels: np.ndarray, policy: ImagePolicy) -> SentImage:
+    """The slice (gray [rows, cols] or RGB [rows, cols, 3] uint8) as the PNG the dialect's
+    `ImagePolicy` asks for: centred on a black square first if it pads, then resized (bicubic) to
+    its size rule; `content` remembers where the slice went."""
     from PIL import Image
 
-    rows, cols = pixels.shape[:2]
-    square = max(rows, cols)
-    left, top = (square - cols) // 2, (square - rows) // 2
     picture = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8))
-    canvas = Image.new(picture.mode, (square, square), 0)
-    canvas.paste(picture, (left, top))
+    cols, rows = picture.size
+    content = (0.0, 0.0, 1.0, 1.0)
+    if policy.pad_square:
+        square = max(rows, cols)
+        left, top = (square - cols) // 2, (square - rows) // 2
+        canvas = Image.new(picture.mode, (square, square), 0)
+        canvas.paste(picture, (left, top))
+        picture = canvas
+        content = (left / square, top / square, (left + cols) / square, (top + rows) / square)
+    size = policy.size(*picture.size)
+    if size != picture.size:
+        picture = picture.resize(size, Image.BICUBIC)
     buffer = io.BytesIO()
-    canvas.resize((side, side), Image.BICUBIC).save(buffer, format="PNG")
-    content = (left / square, top / square, (left + cols) / square, (top + rows) / square)
-    return SentImage(buffer.getvalue(), (side, side), content)
+    picture.save(buffer, format="PNG")
+    return SentImage(buffer.getvalue(), size, content)
 
 
-def medgemma_ct_image(volume: Volume, view: SliceImage) -> SentImage:
-    """MedGemma's CT convention: three HU windows as the R, G and B channels (WW/WL 2250/-100,
-    350/40, 80/40; Google-Health/medgemma#27), then its square padding."""
-    channels = [_export(volume, view.orientation, view.index, window).pixels for window in _MEDGEMMA_CT]
-    return _padded_square(np.stack(channels, axis=-1), 896)
+def windowed_ct_image(volume: Volume, view: SliceImage, policy: ImagePolicy) -> SentImage:
+    """A CT slice as RGB of the policy's HU windows (one per channel), then the policy's picture."""
+    channels = [_export(volume, view.orientation, view.index, window).pixels for window in policy.ct_windows]
+    return prepare_image(np.stack(channels, axis=-1), policy)
 
 
 def _is_ct(volume: Volume) -> bool:
@@ -365,7 +274,7 @@ class OpenAIEngine(Engine):
                 "engine 'openai' needs --base-url, e.g. http://localhost:8000/v1 (a vLLM server)"
             )
         self.base_url = _with_api_path(options.base_url)
-        self._use_dialect(options.dialect or guess_dialect(options.model))
+        self._use_dialect(options.dialect or dialect_for_model(options.model))
         extra = options.extra
         self.max_images = self._positive_int(extra.get("max_images", 1), "max_images")
         self.timeout = self._positive_number(extra.get("timeout", 120.0), "timeout")
@@ -385,16 +294,21 @@ class OpenAIEngine(Engine):
 
     def _use_dialect(self, name: str) -> None:
         try:
-            self.dialect = get_dialect(name)
+            dialect = get_dialect(name)
         except ValueError as exc:
             raise EngineError(str(exc)) from exc
-        self.dialect_name = name
+        if dialect.image is None:
+            raise EngineError(
+                f"dialect {name!r} is for a model that reads whole volumes, not pictures; choose one of "
+                f"{', '.join(slice_dialect_names())}"
+            )
+        self.dialect, self.dialect_name, self.image = dialect, name, dialect.image
 
     @property
     def system_prompt(self) -> Optional[str]:
-        """The user's, else MedRegA's training system message for a model named like MedRegA."""
-        if self._system_prompt is None and "medrega" in (self._served or self._model or "").lower():
-            return _MEDREGA_SYSTEM
+        """The user's, else the one the dialect says the served model was trained with."""
+        if self._system_prompt is None:
+            return self.dialect.system_prompt(self._served or self._model or "")
         return self._system_prompt
 
     @staticmethod
@@ -420,7 +334,7 @@ class OpenAIEngine(Engine):
         return number
 
     def models(self) -> List[ModelInfo]:
-        grounding = self.dialect_name != "plain"
+        grounding = "ground" in self.dialect.tasks
         return [
             ModelInfo(
                 engine=self.name,
@@ -431,7 +345,7 @@ class OpenAIEngine(Engine):
                     boxes=grounding,
                     masks=grounding and self.segmenter is not None,
                     region_input=grounding,
-                    languages=("en", "zh") if self.dialect_name == "internvl" else ("en",),
+                    languages=self.dialect.languages,
                 ),
                 licence="that of the served model (see its model card); this engine adds no weights",
                 intended_use="research and teaching; not for diagnosis",
@@ -458,7 +372,7 @@ class OpenAIEngine(Engine):
         if self._served is None:
             self._served = self._served_model()
             if self.options.dialect is None:
-                self._use_dialect(guess_dialect(self._served))
+                self._use_dialect(dialect_for_model(self._served))
         return self._served
 
     def _served_model(self) -> str:
@@ -512,10 +426,11 @@ class OpenAIEngine(Engine):
         yield from self._answer(ctx, cancel, task, messages, view if len(slices) == 1 else None, sent[0])
 
     def _picture(self, volume: Volume, view: SliceImage, window: Optional[Tuple[float, float]]) -> SentImage:
-        """The PNG for one slice: MedGemma gets its CT windows as RGB unless the user set a window."""
-        if self.dialect_name == "medgemma" and window is None and _is_ct(volume):
-            return medgemma_ct_image(volume, view)
-        return prepare_image(view, self.dialect_name)
+        """The PNG for one slice: a CT as RGB of the dialect's windows, if it has any and the user set
+        no window of their own; otherwise the viewer's gray picture."""
+        if self.image.ct_windows and window is None and _is_ct(volume):
+            return windowed_ct_image(volume, view, self.image)
+        return prepare_image(view.pixels, self.image)
 
     def _spread(
         self, volume: Volume, view: SliceImage, window: Optional[Tuple[float, float]]
@@ -579,7 +494,7 @@ class OpenAIEngine(Engine):
         for event in parser.finish():
             found += isinstance(event, BoxFound)
             yield from self._handle(ctx, event, view, sent, task)
-        if found == 0 and task in ("ground", "segment") and self.dialect_name != "plain":
+        if found == 0 and task in ("ground", "segment") and "ground" in self.dialect.tasks:
             yield WarningOut(f"the model answered without a {self.dialect_name} box; no ROI was made")
 
     def _stream(

@@ -1,34 +1,35 @@
-"""Engine lookup by name without importing heavy engines until one is asked for.
-
-An engine is any module `medmllm.engines.<name>` that defines `ENGINE`; adding a model means
-adding one such file, nothing here changes.
-"""
+"""The engines this package ships, by name, imported only when one is asked for; packages add
+theirs under the entry-point group `medmllm.engines` (see `medmllm.plugins`)."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import List, Type
 
-import medmllm.engines as _pkg
 from medmllm.engines.base import Engine, EngineError, EngineOptions
+from medmllm.plugins import PluginError, Registry
 
-_NOT_ENGINES = {"base", "registry"}
+ENGINES = Registry(
+    "engine",
+    "medmllm.engines",
+    {
+        "builtin": "medmllm.engines.builtin:ENGINE",
+        "m3d": "medmllm.engines.m3d:ENGINE",
+        "minigptmed": "medmllm.engines.minigptmed:ENGINE",
+        "openai": "medmllm.engines.openai:ENGINE",
+    },
+    check=lambda obj: isinstance(obj, type) and issubclass(obj, Engine),
+)
 
 
 def engine_names() -> List[str]:
-    return sorted(
-        m.name
-        for m in pkgutil.iter_modules(_pkg.__path__)
-        if m.name not in _NOT_ENGINES and not m.name.startswith("_")
-    )
+    return ENGINES.names()
 
 
 def engine_class(name: str) -> Type[Engine]:
-    if name not in engine_names():
-        raise EngineError(f"unknown engine {name!r}; available: {', '.join(engine_names())}")
-    module = importlib.import_module(f"medmllm.engines.{name}")
-    return module.ENGINE
+    try:
+        return ENGINES.load(name)
+    except PluginError as exc:
+        raise EngineError(str(exc)) from exc
 
 
 def create_engine(name: str, options: EngineOptions) -> Engine:

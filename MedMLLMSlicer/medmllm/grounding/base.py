@@ -1,8 +1,17 @@
-"""Shared types of every dialect: what a parser emits while model text streams in.
+"""Shared types of every dialect: what a parser emits while model text streams in, and `Dialect`.
 
 A dialect turns model text into `BoxFound` / `SegFound` events the moment a box or `[SEG]`
 is complete; anything unusable becomes a `ParseWarning` instead of an exception, because model
 text is untrusted and often truncated.
+
+Coordinates (the one place they are defined): between a dialect and everything else, a box is a
+tuple of **edge fractions** of the picture the model saw, never centres and never pixels. 2D:
+(x0, y0, x1, y1), x along image columns from the left edge, y along rows from the top edge, so a
+box over the whole picture is (0, 0, 1, 1) and pixel column c spans [c/width, (c+1)/width). 3D
+(M3D's grid): (d0, h0, w0, d1, h1, w1) as the model writes them (voxel index / size, max
+inclusive; `medmllm.geometry.m3d_grid` inverts that). Parsers produce them (`BoxFound.fractions`),
+`format_region` and `example_answer` take them; each dialect converts to its own numbers
+(0-999, 0-1000 y-first, pixels, ...) and back with `medmllm.grounding.toolkit.box_events`.
 """
 
 from __future__ import annotations
@@ -11,8 +20,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
+from medmllm.grounding.images import ImagePolicy
+
 if TYPE_CHECKING:
-    from medmllm.grounding._stream import StreamParser
+    from medmllm.grounding.toolkit import StreamParser
 
 TASKS = ("chat", "ground", "region", "report", "segment")
 ImageSize = Tuple[int, int]
@@ -23,11 +34,9 @@ class BoxFound:
     """One box as the model wrote it, plus its normalised form.
 
     `values`: the numbers exactly as written, in the order written (what `medmllm parse` prints).
-    `fractions`: the box normalised to the image the model saw, as voxel/pixel *edge* fractions
-    in [0, 1]: 2D dialects give (x0, y0, x1, y1) with x along image columns and y along rows
-    (top row = 0); the m3d dialect gives (d0, h0, w0, d1, h1, w1) exactly as M3D writes them
-    (index / size, max inclusive; `medmllm.geometry.m3d_grid` knows how to invert that). Empty
-    when a pixel grammar was parsed without the image size.
+    `fractions`: the box normalised to the image the model saw, as edge fractions in [0, 1] (see
+    the module docstring: 2D (x0, y0, x1, y1), 3D (d0, h0, w0, d1, h1, w1)). Empty when a pixel
+    grammar was parsed without the image size.
     """
 
     label: Optional[str]
@@ -73,23 +82,44 @@ class ParseResult:
 
 
 class Dialect(ABC):
-    """One model family's grammar: parse its answers, and write prompts and user regions its way.
+    """Everything about one model family's text and picture: its grammar (parse answers, write
+    prompts and user regions its way), the picture it wants and the model names it answers to.
 
+    `name` is given by the registry (`medmllm.grounding.registry`); a dialect need not state it.
     `tasks` lists the `build_prompt` tasks the model family supports (a subset of `TASKS`).
     `special_markup`: the box markup are tokenizer special tokens, which servers drop unless asked
     to keep them (`skip_special_tokens: false`).
+    `models`: lower-case pieces of served model names that speak this dialect ("lingshu").
+    `image`: the picture a 2D model wants (`ImagePolicy`); None for models that read a volume.
+    `languages`: the languages its prompts are written in.
     """
 
     name: str = ""
     coordinate_range: str = ""
     tasks: Tuple[str, ...] = ("chat", "report")
     special_markup: bool = False
+    models: Tuple[str, ...] = ()
+    image: Optional[ImagePolicy] = ImagePolicy()
+    languages: Tuple[str, ...] = ("en",)
+
+    def system_prompt(self, model: str) -> Optional[str]:
+        """The system message the served `model` was trained with, if it needs one."""
+        return None
+
+    def example_answer(
+        self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
+    ) -> Optional[str]:
+        """What a model of this family answers when it grounds `label` at `fractions` (edges, see
+        the module docstring) in a picture of `image_size`, in the form its real answers take;
+        None for a family that writes no boxes. Test servers answer with it, and the contract
+        tests check that the dialect's own parser reads it back."""
+        return None
 
     @abstractmethod
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> StreamParser:
         """A fresh streaming parser for one answer; `image_size` (width, height) for pixel grammars.
 
-        Grammars whose markup are tokenizer special tokens (internvl, m3d) also read the bare form a
+        Grammars whose markup are tokenizer special tokens (`special_markup`) also read the bare form a
         `skip_special_tokens=True` decode leaves, unless `keep_special` says the text kept them."""
 
     @abstractmethod

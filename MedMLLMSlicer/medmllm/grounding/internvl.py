@@ -20,9 +20,11 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import (
-    LABEL_CHARS,
+from medmllm.grounding.base import BoxFound, Dialect, ImageSize, ParseEvent, ParseWarning
+from medmllm.grounding.images import ImagePolicy, fixed_size
+from medmllm.grounding.toolkit import (
     LabelledParser,
+    ProseLabel,
     SpanRule,
     box_events,
     check_region,
@@ -30,9 +32,10 @@ from medmllm.grounding._stream import (
     parse_numbers,
     snippet,
 )
-from medmllm.grounding.base import BoxFound, Dialect, ImageSize, ParseEvent, ParseWarning
 
 SCALE = 999
+# MedRegA was trained with the Hermes-2 system message (xmed-lab/MedRegA src/internvl/conversation.py).
+MEDREGA_SYSTEM = "Answer the questions."
 _REF = SpanRule("<ref>", "</ref>", max_len=300)
 _BOX = SpanRule("<box>", "</box>", max_len=2048)
 _LIST = SpanRule("[[", None, max_len=1024, weak=True, abort_chars='<>{}"\n')
@@ -87,17 +90,17 @@ class InternVLParser(LabelledParser):
     def __init__(self, keep_display: bool = False, keep_special: bool = False) -> None:
         self.rules = (_REF, _BOX) if keep_special else (_REF, _BOX, _LIST)
         super().__init__(keep_display)
-        self._tail = ""
+        self._prose = ProseLabel(_phrase)
         self._noted = False
 
     def on_text(self, text: str, start: int) -> List[ParseEvent]:
-        self._tail = (self._tail + text)[-2 * LABEL_CHARS :]
+        self._prose.see(text)
         return super().on_text(text, start)
 
     def on_span(self, rule: SpanRule, body: str, start: int, end: int) -> Tuple[List[ParseEvent], str]:
         if rule is _LIST:
             return self._bare_list(body, start, end)
-        self._tail = ""
+        self._prose.clear()
         if rule is _REF:
             self.label = clean_label(body)
             return [], self.label or ""
@@ -113,8 +116,8 @@ class InternVLParser(LabelledParser):
         if not _BOX_CHARS.fullmatch(body) or not re.search(r"\d", body):
             self.on_text(source, start)
             return [], source
-        label = self.label or _phrase(self._tail)
-        self._tail = ""
+        label = self.label or self._prose.label()
+        self._prose.clear()
         events, shown = self._boxes(label, start, end, source)
         if not self._noted and any(isinstance(e, BoxFound) for e in events):
             self._noted = True
@@ -134,21 +137,35 @@ class InternVLParser(LabelledParser):
         return events, "[box]" if found and not label else ""
 
 
-def _phrase(text: str) -> Optional[str]:
+def _phrase(text: str) -> str:
     """The name a bare list carries: the clause right before it, bridging words removed
     ("The region of left kidney is" -> "left kidney")."""
     phrase = _CLAUSE.sub("", text).strip()
-    phrase = _BRIDGE_TAIL.sub("", _BRIDGE_HEAD.sub("", phrase))
-    return clean_label(phrase)
+    return _BRIDGE_TAIL.sub("", _BRIDGE_HEAD.sub("", phrase))
 
 
 class InternVLDialect(Dialect):
-    name = "internvl"
+    """Images: 448x448 plainly resized, no padding (InternVL's dynamic tiling at one tile; edge
+    fractions survive a plain resize; reference/models/minigptmed-medrega.md §2.1)."""
+
     coordinate_range = (
         "integers 0-999 of the image width and height (MedRegA divides by 999), order x1, y1, x2, y2"
     )
     tasks = ("chat", "ground", "region", "report")
     special_markup = True
+    models = ("medrega", "internvl")
+    image = ImagePolicy(fixed_size(448, 448))
+    languages = ("en", "zh")
+
+    def system_prompt(self, model: str) -> Optional[str]:
+        return MEDREGA_SYSTEM if "medrega" in model.lower() else None
+
+    def example_answer(
+        self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
+    ) -> str:
+        """`<ref>carotid vessel wall</ref><box>[[365, 293, 416, 598]]</box>` (MedRegA
+        demo_data/data_file.jsonl)."""
+        return f"<ref>{label}</ref>{self.format_region(fractions)}"
 
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> InternVLParser:
         return InternVLParser(keep_special=keep_special)

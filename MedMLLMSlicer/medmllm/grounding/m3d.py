@@ -13,16 +13,16 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import (
+from medmllm.grounding.base import Dialect, ImageSize, ParseEvent, ParseWarning, SegFound
+from medmllm.grounding.toolkit import (
+    ProseLabel,
     SpanRule,
     StreamParser,
     box_events,
     check_region,
-    clean_label,
     parse_numbers,
     snippet,
 )
-from medmllm.grounding.base import Dialect, ImageSize, ParseEvent, ParseWarning, SegFound
 
 IMAGE_TOKENS = 256
 _BOX = SpanRule("<bx_start>", "<bx_end>", max_len=512)
@@ -45,15 +45,15 @@ class M3DParser(StreamParser):
     def __init__(self, keep_display: bool = False, keep_special: bool = False) -> None:
         super().__init__(keep_display)
         self._bare_boxes = not keep_special
-        self._recent = ""
+        self._prose = ProseLabel(_target_in_prose, chars=_RECENT_CHARS)
 
     def on_text(self, text: str, start: int) -> List[ParseEvent]:
-        self._recent = (self._recent + text)[-_RECENT_CHARS:]
+        self._prose.see(text)
         return []
 
     def on_span(self, rule: SpanRule, body: str, start: int, end: int) -> Tuple[List[ParseEvent], str]:
         source = rule.opener + body + (rule.closer or "")
-        label = self._label()
+        label = self._prose.label()
         if rule is _BARE:
             if body.strip() == "SEG":
                 return [SegFound(label, start, end)], "[mask]"
@@ -76,17 +76,27 @@ class M3DParser(StreamParser):
             return [ParseWarning(f"truncated M3D box dropped: {snippet(text)}")]
         return super().on_unclosed(rule, text)
 
-    def _label(self) -> Optional[str]:
-        match = _TARGET.search(self._recent)
-        return clean_label(match.group(1)) if match else None
+
+def _target_in_prose(prose: str) -> Optional[str]:
+    """The structure M3D's answer templates name just before a box or [SEG]."""
+    match = _TARGET.search(prose)
+    return match.group(1) if match else None
 
 
 class M3DDialect(Dialect):
-    name = "m3d"
+    """A 3D model: it reads the whole volume through its own engine, so no 2D picture policy."""
+
     coordinate_range = (
         "fractions 0-1 of the 32x256x256 model grid, order d0, h0, w0, d1, h1, w1 (max inclusive)"
     )
     tasks = ("chat", "ground", "region", "report", "segment")
+    image = None
+
+    def example_answer(
+        self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
+    ) -> str:
+        """The PosREC answer template "The target is {} and the coordinates is {}."."""
+        return f"The target is {label} and the coordinates is {self.format_region(fractions)}."
 
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> M3DParser:
         return M3DParser(keep_special=keep_special)

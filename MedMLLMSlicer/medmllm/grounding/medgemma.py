@@ -13,15 +13,18 @@ from __future__ import annotations
 import json
 from typing import List, Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import (
+from medmllm.grounding.base import Dialect, ImageSize, ParseEvent
+from medmllm.grounding.images import ImagePolicy, fixed_size
+from medmllm.grounding.toolkit import (
     JsonBoxParser,
     SpanRule,
     check_region,
     unfence_json_display,
 )
-from medmllm.grounding.base import Dialect, ImageSize, ParseEvent
 
 SCALE = 1000
+# (centre, width) of MedGemma's three CT windows, in R, G, B order (Google-Health/medgemma#27).
+CT_WINDOWS = ((-100.0, 2250.0), (40.0, 350.0), (40.0, 80.0))
 _THOUGHT = SpanRule("<unused94>", "<unused95>", max_len=65536)
 _GROUND = (
     "Instructions:\nThe following user query will require outputting bounding boxes. The format of bounding "
@@ -49,9 +52,22 @@ class MedGemmaParser(JsonBoxParser):
 
 
 class MedGemmaDialect(Dialect):
-    name = "medgemma"
+    """Images: centred on a black square, then 896x896 (the localisation notebook's padding; boxes
+    refer to the square); a CT with no window set goes as RGB of its three HU windows
+    (WW/WL 2250/-100, 350/40, 80/40)."""
+
     coordinate_range = "integers 0-1000 of the padded square image, order y0, x0, y1, x1"
     tasks = ("chat", "ground", "region", "report")
+    models = ("medgemma",)
+    image = ImagePolicy(fixed_size(896, 896), pad_square=True, ct_windows=CT_WINDOWS)
+
+    def example_answer(
+        self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
+    ) -> str:
+        """The notebook's form: a ```json list after "Final Answer:"."""
+        x0, y0, x1, y1 = check_region(fractions, dims=2)
+        box = {"box_2d": [round(v * SCALE) for v in (y0, x0, y1, x1)], "label": label}
+        return f"Final Answer:\n```json\n[{json.dumps(box)}]\n```"
 
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> MedGemmaParser:
         return MedGemmaParser((SCALE,) * 4, (1, 0, 3, 2))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import re
 from typing import List, Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import (
+from medmllm.grounding.base import Dialect, ImageSize, ParseEvent, ParseWarning
+from medmllm.grounding.images import ImagePolicy, fixed_size
+from medmllm.grounding.toolkit import (
     LabelledParser,
     SpanRule,
     box_events,
@@ -21,7 +23,6 @@ from medmllm.grounding._stream import (
     parse_numbers,
     snippet,
 )
-from medmllm.grounding.base import Dialect, ImageSize, ParseEvent, ParseWarning
 
 SCALE = 100
 _PHRASE = SpanRule("<p>", "</p>", max_len=300)
@@ -51,9 +52,18 @@ class MiniGPTMedParser(LabelledParser):
 
 
 class MiniGPTMedDialect(Dialect):
-    name = "minigptmed"
+    """Images: 448x448 plainly resized, no padding (MiniGPT-v2's `Blip2ImageEvalProcessor`)."""
+
     coordinate_range = "integers 0-100 of the slice width and height, order x1, y1, x2, y2"
     tasks = ("chat", "ground", "region", "report")
+    models = ("minigpt",)
+    image = ImagePolicy(fixed_size(448, 448))
+
+    def example_answer(
+        self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
+    ) -> str:
+        """`<p>tumor</p> {<29><43><42><56>}` (MiniGPT-Med nlst_dataset.py generate_caption)."""
+        return f"<p>{label}</p> {self.format_region(fractions)}"
 
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> MiniGPTMedParser:
         return MiniGPTMedParser()

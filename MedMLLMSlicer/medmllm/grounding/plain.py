@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import SpanRule, StreamParser
 from medmllm.grounding.base import Dialect, ImageSize, ParseEvent
+from medmllm.grounding.toolkit import SpanRule, StreamParser
 
 
 class PlainParser(StreamParser):
@@ -16,7 +16,8 @@ class PlainParser(StreamParser):
 
 
 class PlainDialect(Dialect):
-    name = "plain"
+    """Any chat model: the picture at its native size (long side at most 1024 px)."""
+
     coordinate_range = "none (no boxes)"
     tasks = ("chat", "report")
 
@@ -27,7 +28,7 @@ class PlainDialect(Dialect):
         return PlainParser(keep_display=True)
 
     def format_region(self, fractions: Sequence[float], image_size: Optional[ImageSize] = None) -> str:
-        raise ValueError("dialect 'plain' has no grammar for regions; choose a grounding model")
+        raise ValueError(f"dialect {self.name!r} has no grammar for regions; choose a grounding model")
 
     def _prompt(
         self, task: str, text: str, region: Optional[Sequence[float]], image_size: Optional[ImageSize]

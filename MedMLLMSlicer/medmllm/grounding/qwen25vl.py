@@ -11,15 +11,49 @@ one as their braces close. Prompts follow the Qwen2.5-VL spatial-understanding c
 from __future__ import annotations
 
 import json
-from typing import Optional, Sequence
+import math
+from typing import Optional, Sequence, Tuple
 
-from medmllm.grounding._stream import (
+from medmllm.grounding.base import Dialect, ImageSize
+from medmllm.grounding.images import ImagePolicy, guard_aspect
+from medmllm.grounding.toolkit import (
     JsonBoxParser,
     check_image_size,
     check_region,
     unfence_json_display,
 )
-from medmllm.grounding.base import Dialect, ImageSize
+
+# Qwen2.5-VL's processor keeps an image unchanged when its sides are multiples of 28 and its area
+# lies within [min_pixels, max_pixels]. Qwen's README (QwenLM/Qwen2.5-VL@f0af299, README.md) sets
+# min_pixels = 256*28*28 and max_pixels = 1280*28*28 (the checkpoint's own defaults are 56*56 and
+# 12845056): sending within that range means none of these configurations resizes the image, so
+# the model's pixels are ours. (The OCR cookbook's min_pixels = 512*28*28 is not covered.)
+QWEN_MIN_PIXELS = 256 * 28 * 28
+QWEN_MAX_PIXELS = 1280 * 28 * 28
+
+
+def qwen_image_size(
+    width: int,
+    height: int,
+    factor: int = 28,
+    min_pixels: int = QWEN_MIN_PIXELS,
+    max_pixels: int = QWEN_MAX_PIXELS,
+) -> Tuple[int, int]:
+    """A size Qwen2.5-VL's processor keeps unchanged (sides multiples of 28, area within its pixel
+    range), so the absolute pixel boxes it answers are pixels of exactly the image we sent. Small
+    slices are enlarged to a long side of 448 first and to `min_pixels` at least: tiny images give
+    the model almost nothing to look at, and a server set up like the cookbook would enlarge them."""
+    w, h = guard_aspect(float(width), float(height))
+    scale = max(1.0, 448.0 / max(w, h), math.sqrt(min_pixels / (w * h)))
+    w, h = w * scale, h * scale
+    rounded = max(factor, round(w / factor) * factor), max(factor, round(h / factor) * factor)
+    if rounded[0] * rounded[1] < min_pixels:  # rounding down crossed the floor
+        rounded = math.ceil(w / factor) * factor, math.ceil(h / factor) * factor
+    if rounded[0] * rounded[1] <= max_pixels:
+        return rounded
+    shrink = min(1.0, math.sqrt(max_pixels / (w * h)))  # rounding up alone can cross the budget
+    w, h = w * shrink, h * shrink
+    return max(factor, math.floor(w / factor) * factor), max(factor, math.floor(h / factor) * factor)
 
 
 class QwenParser(JsonBoxParser):
@@ -27,11 +61,21 @@ class QwenParser(JsonBoxParser):
 
 
 class Qwen25VLDialect(Dialect):
-    name = "qwen25vl"
+    """Images: aspect kept, sides multiples of 28 within Qwen's pixel range (`qwen_image_size`)."""
+
     coordinate_range = (
         "absolute pixels x1, y1, x2, y2 of the image the model saw (needs its width and height)"
     )
     tasks = ("chat", "ground", "region", "report")
+    models = ("lingshu", "qwen2.5-vl", "qwen2_5_vl", "qwen2.5vl")
+    image = ImagePolicy(qwen_image_size)
+
+    def example_answer(
+        self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
+    ) -> str:
+        """The cookbook's form: a ```json fenced list of `{"bbox_2d": [...], "label": ...}`."""
+        box = json.loads(self.format_region(fractions, image_size))
+        return f"```json\n[\n\t{json.dumps({**box, 'label': label})}\n]\n```"
 
     def parser(self, image_size: Optional[ImageSize] = None, keep_special: bool = False) -> QwenParser:
         """Without `image_size` boxes carry their written values only (no fractions): enough for

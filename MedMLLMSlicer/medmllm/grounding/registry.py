@@ -1,27 +1,51 @@
-"""Dialect lookup by name: a dialect is any module `medmllm.grounding.<name>` that defines `DIALECT`,
-so adding a model family means adding one file and nothing here changes."""
+"""The dialects this package ships, by name; packages add theirs under the entry-point group
+`medmllm.dialects` (see `medmllm.plugins`). Adding a built-in dialect is one line here."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import List
+from typing import List, Optional
 
-import medmllm.grounding as _pkg
 from medmllm.grounding.base import Dialect
+from medmllm.plugins import PluginError, Registry
 
-_NOT_DIALECTS = {"base", "registry"}
+# Order matters only for `dialect_for_model`: the first dialect that answers to a model name wins.
+DIALECTS = Registry(
+    "dialect",
+    "medmllm.dialects",
+    {
+        "internvl": "medmllm.grounding.internvl:DIALECT",
+        "qwen25vl": "medmllm.grounding.qwen25vl:DIALECT",
+        "medgemma": "medmllm.grounding.medgemma:DIALECT",
+        "minigptmed": "medmllm.grounding.minigptmed:DIALECT",
+        "m3d": "medmllm.grounding.m3d:DIALECT",
+        "plain": "medmllm.grounding.plain:DIALECT",
+    },
+    check=lambda obj: isinstance(obj, Dialect),
+)
+FALLBACK = "plain"  # what a model nobody recognises gets: text only, no boxes
 
 
 def dialect_names() -> List[str]:
-    return sorted(
-        m.name
-        for m in pkgutil.iter_modules(_pkg.__path__)
-        if m.name not in _NOT_DIALECTS and not m.name.startswith("_")
-    )
+    return DIALECTS.names()
 
 
 def get_dialect(name: str) -> Dialect:
-    if name not in dialect_names():
-        raise ValueError(f"unknown dialect {name!r}; available: {', '.join(dialect_names())}")
-    return importlib.import_module(f"medmllm.grounding.{name}").DIALECT
+    """The dialect called `name`; unknown names raise ValueError listing the known ones."""
+    try:
+        return DIALECTS.load(name)
+    except PluginError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def slice_dialect_names() -> List[str]:
+    """Dialects of models that look at one 2D picture (what an OpenAI-compatible server is sent)."""
+    return [name for name in dialect_names() if get_dialect(name).image is not None]
+
+
+def dialect_for_model(model: Optional[str]) -> str:
+    """The dialect a served model most likely speaks, from its name; `FALLBACK` when unknown."""
+    lowered = (model or "").lower()
+    for name in dialect_names():
+        if any(key in lowered for key in get_dialect(name).models):
+            return name
+    return FALLBACK

@@ -84,6 +84,7 @@ class M3DEngine(Engine):
     """M3D-LaMed (Phi-3-4B or Llama-2-7B) from the official checkpoint folder, loaded by our own code."""
 
     name = "m3d"
+    read_demo_input = staticmethod(load_demo_npy)
     # chat() may be called from several threads at once: they are decoded together (batching.py).
 
     def __init__(self, options: EngineOptions, loaded: Optional[Loaded] = None) -> None:

@@ -1,10 +1,20 @@
-"""Streaming machinery shared by every dialect: find marked-up spans in text that arrives in pieces.
+"""The parser toolkit every dialect is built from (public: new dialects import it too).
 
-A dialect lists its spans (`SpanRule`: an opener and a closer, or an opener alone) and turns each
-finished span into events. The scanner guarantees what every dialect needs and none should
-re-implement: a span is handed over the moment its closer arrives, the result does not depend on
-how the text was chunked (every search is confined to the same window whatever the chunking),
-nothing raises, and memory stays bounded however long a span stays open.
+- `StreamParser`: the scanner. A dialect lists its spans (`SpanRule`: an opener and a closer, or
+  an opener alone) and turns each finished span into events in `on_span`. The scanner guarantees
+  what every dialect needs and none should re-implement: a span is handed over the moment its
+  closer arrives, the result does not depend on how the text was chunked (every search is confined
+  to the same window whatever the chunking), nothing raises, and memory stays bounded however long
+  a span stays open.
+- `LabelledParser`: grammars that name a box in a tag just before it (`<p>x</p> {..}`).
+- `ProseLabel`: grammars that name a box in free text before it (`the target is liver and the box
+  is [..]`, `left kidney[[..]]`).
+- `JsonBoxParser`: JSON objects carrying a box under one key, anywhere in prose.
+- `box_events`: written numbers -> edge fractions (see `medmllm.grounding.base` for the coordinate
+  convention), with every repair (clamp, swap) reported as a warning; `parse_numbers`,
+  `clean_label`, `snippet`, `check_region`, `check_image_size` for the pieces around it.
+
+docs/internals.md shows a complete dialect in 30 lines.
 """
 
 from __future__ import annotations
@@ -13,7 +23,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 from medmllm.grounding.base import BoxFound, ParseEvent, ParseWarning
 
@@ -355,6 +365,28 @@ class LabelledParser(StreamParser):
         if self._gap > LABEL_GAP or _SENTENCE_END.search(text):
             self._label = None
         return []
+
+
+class ProseLabel:
+    """The label of a box named in the prose just before it, for grammars without a label tag.
+
+    Keeps the last `chars` characters of text outside spans (bounded however long the answer) and
+    hands them to `extract`, which finds the phrase (`None` if the prose names nothing).
+    """
+
+    def __init__(self, extract: Callable[[str], Optional[str]], chars: int = 2 * LABEL_CHARS) -> None:
+        self._extract = extract
+        self._chars = chars
+        self._text = ""
+
+    def see(self, text: str) -> None:
+        self._text = (self._text + text)[-self._chars :]
+
+    def clear(self) -> None:
+        self._text = ""
+
+    def label(self) -> Optional[str]:
+        return clean_label(self._extract(self._text))
 
 
 class JsonBoxParser(StreamParser):
