@@ -27,6 +27,7 @@ from medmllm.engines.base import BoxOut, EngineOptions, TokenOut, ViewState, War
 from medmllm.engines.openai import prepare_image
 from medmllm.engines.registry import create_engine
 from medmllm.geometry.slices import export_slice
+from medmllm.grounding.registry import get_dialect
 from PIL import Image
 from test_openai_engine import context, phantom, ras_offset_in_voxels
 
@@ -47,7 +48,8 @@ def _sent_image(dialect: str) -> Image.Image:
     """The PNG the engine sends for VIEW, made by the engine's own code."""
     import io
 
-    sent = prepare_image(export_slice(phantom(), VIEW.orientation, index=VIEW.index), dialect)
+    view = export_slice(phantom(), VIEW.orientation, index=VIEW.index)
+    sent = prepare_image(view.pixels, get_dialect(dialect).image)
     return Image.open(io.BytesIO(sent.png))
 
 
