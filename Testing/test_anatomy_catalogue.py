@@ -99,3 +99,10 @@ def test_group_segments_unite_the_lobes_per_side():
 def test_unknown_task_is_a_clear_error():
     with pytest.raises(catalogue.CatalogueError, match="supported: total, total_mr"):
         catalogue.class_map("total_v1")
+
+
+def test_docs_list_exactly_the_structures_and_names_supported():
+    from conftest import ROOT, load_script
+
+    generated = load_script("anatomy_names").tables()
+    assert generated in (ROOT / "docs" / "anatomy.md").read_text(encoding="utf-8")

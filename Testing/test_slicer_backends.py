@@ -231,3 +231,17 @@ def test_openai_mode_runs_the_openai_engine_locally(fake_slicer):  # noqa: F811
     panel.toggle_log()
     assert not panel.log_view.isHidden() and "No local server" in panel.log_view.toPlainText()
     panel.cleanup()
+
+
+def test_builtin_asks_before_totalsegmentator_may_download(fake_slicer):  # noqa: F811
+    from MedMLLMSlicerLib.chat_panel import ChatPanel
+
+    panel = ChatPanel()
+    panel.mode_combo.setCurrentIndex(0)
+    assert panel._local_options() == ("builtin", [])  # never without the user's tick
+    panel.anatomy_check.setChecked(True)
+    assert panel._local_options() == ("builtin", ["--option", "anatomy_download=yes"])
+    assert ChatPanel().anatomy_check.isChecked(), "the choice is remembered"
+    panel.anatomy_check.setChecked(False)
+    panel._local_options()
+    panel.cleanup()

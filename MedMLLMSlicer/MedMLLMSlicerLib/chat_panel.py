@@ -158,6 +158,13 @@ class ChatPanel:
             f"Engine of the local server (builtin needs no weights): {', '.join(engine_names())}"
         )
         local.addRow("Local engine:", self.engine_edit)
+        self.anatomy_check = qt.QCheckBox("TotalSegmentator may download its weights once (internet)")
+        self.anatomy_check.setToolTip(
+            "The built-in engine names every organ with TotalSegmentator (pip install 'medmllm[anatomy]'); "
+            "its weights download once from GitHub, only if this is ticked"
+        )
+        self.anatomy_check.setChecked(self.settings.flag("anatomyDownload"))
+        local.addRow("Organs:", self.anatomy_check)
         remote = qt.QFormLayout(self._page())
         self.url_combo = qt.QComboBox()
         self.url_combo.setEditable(True)
@@ -393,7 +400,10 @@ class ChatPanel:
             ]
             model = prop(self.openai_model_edit, "text").strip()
             return "openai", options + (["--model", model] if model else [])
-        return prop(self.engine_edit, "text").strip() or "builtin", []
+        engine = prop(self.engine_edit, "text").strip() or "builtin"
+        download = bool(self.anatomy_check.isChecked())
+        self.settings.set_flag("anatomyDownload", download)
+        return engine, (["--option", "anatomy_download=yes"] if download and engine == "builtin" else [])
 
     def backend(self) -> Optional[tuple]:
         """(base_url, token) of a ready backend, or None after starting what is needed (then retry)."""

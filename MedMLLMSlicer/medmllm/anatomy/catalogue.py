@@ -117,7 +117,8 @@ def _class_part(class_name: str, index: int) -> Part:
 
 
 def _named(title: str, side: Optional[str]) -> str:
-    text = f"{side} {title.lower()}" if side else title.lower()
+    named_side = side and re.search(rf"\b{side}\b", title.lower())  # "Middle lobe of right lung"
+    text = f"{side} {title.lower()}" if side and not named_side else title.lower()
     text = re.sub(r"\b([ctls])(\d+)\b", lambda m: m.group(1).upper() + m.group(2), text)
     return text[:1].upper() + text[1:]
 
@@ -142,8 +143,9 @@ def catalogue(task: str) -> Tuple[Entry, ...]:
         english, chinese = names.BASE_NAMES.get(base) or names.GROUPS.get(base, ((), ()))[:2]
         if not english:
             english, chinese = names.numbered_names(base)
-        english = (*english, base.replace("_", " "))
-        entries.append(Entry(base, english, chinese, {s: parts[c[0]] for s, c in sides.items()}))
+        english = tuple(dict.fromkeys((*english, base.replace("_", " "))))
+        ordered = {s: parts[sides[s][0]] for s in SIDE_ORDER if s in sides}
+        entries.append(Entry(base, english, chinese, ordered))
     entries += _groups(by_base, parts)
     return tuple(entries)
 

@@ -57,6 +57,10 @@ COLOURS: Dict[str, Tuple[float, float, float]] = {
         "Brain": (250, 250, 225),
     }.items()
 }
+ANATOMY_HELP = (
+    " With TotalSegmentator, any of its 117 CT or 50 MR structures by name, e.g. 'how big is the "
+    "spleen?', '左肾在哪里', 'where is L1?'; and a box (ROI) gets the structure that fills it."
+)
 ORGANS_NOTE = (
     "Rows marked (TotalSegmentator) are its segmentation (Wasserthal et al., Radiology: AI 2023), run "
     "on this volume when an organ was asked for."
@@ -154,14 +158,16 @@ class BuiltinEngine(Engine):
         elif request.structures:
             yield from self._answer(state, request, cancel)
         elif request.unknown:
-            text = f"I cannot find '{request.unknown}' with these tools. {intents.capabilities_text()}"
+            text = f"I cannot find '{request.unknown}' with these tools. {self._capabilities()}"
             yield from _words(text, cancel)
         elif request.intent == "help":
-            yield from _words(intents.capabilities_text(), cancel)
+            yield from _words(self._capabilities(), cancel)
         else:
-            yield from _words(
-                f"I did not recognise a question I can answer. {intents.capabilities_text()}", cancel
-            )
+            yield from _words(f"I did not recognise a question I can answer. {self._capabilities()}", cancel)
+
+    def _capabilities(self) -> str:
+        extra = ANATOMY_HELP if self.anatomy.enabled and self.anatomy.installed() else ""
+        return intents.capabilities_text() + extra
 
     def _state(self, volume: Volume, volume_id: str) -> _VolumeState:
         with self._states_lock:
