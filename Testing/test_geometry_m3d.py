@@ -221,3 +221,48 @@ def test_identity_grid_for_the_official_demo_input():
     grid = M3DGrid.from_identity()
     assert grid.crop_offset == (0, 0, 0) and grid.crop_size == MODEL_SHAPE == grid.volume_shape
     assert grid.box_to_ijk([0.0, 0.0, 0.0, 0.5, 0.5, 0.5]).voxel_range() == ((0, 0, 0), (128, 128, 16))
+
+
+def official_m3d_preprocessing(voxels: np.ndarray) -> tuple:
+    """M3D's data scripts with MONAI's transforms: min-max, CropForeground (> 0), Resize trilinear."""
+    import torch
+    from monai.transforms import CropForeground, Resize, ScaleIntensity
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    image = ScaleIntensity()(torch.from_numpy(voxels.astype(np.float32))[None])
+    start, end = generate_spatial_bounding_box(image)
+    out = np.asarray(Resize(MODEL_SHAPE, mode="trilinear")(CropForeground()(image)))[0]
+    crop = (tuple(int(s) for s in start), tuple(int(e - s) for s, e in zip(start, end)))
+    return (out - out.min()) / (out.max() - out.min()), crop
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_prepare_matches_the_official_monai_transforms(seed):
+    """Same crop as MONAI's CropForeground; values as its Resize up to rounding (we min-max after)."""
+    rng = np.random.default_rng(seed)
+    voxels = rng.normal(0, 100, (37, 90, 75)).astype(np.float32)
+    voxels[:, :4], voxels[:2], voxels[..., -7:] = -1024, -1024, -1024  # background to crop away
+    ours, grid = M3DGrid.prepare(Volume.from_array(voxels, np.eye(4)))
+    theirs, (offset, size) = official_m3d_preprocessing(voxels)
+    assert (grid.crop_offset, grid.crop_size) == (offset, size) == ((2, 4, 0), (35, 86, 68))
+    assert np.abs(ours - theirs).max() < 1e-6
+
+
+def test_logits_resize_is_monais_resize_bit_for_bit():
+    import torch
+    from monai.transforms import Resize
+
+    logits = np.random.default_rng(3).normal(0, 3, MODEL_SHAPE).astype(np.float32)
+    theirs = np.asarray(Resize((33, 255, 257), mode="trilinear")(torch.from_numpy(logits)[None]))[0]
+    assert np.array_equal(resize_trilinear(logits, (33, 255, 257)), theirs)
+
+
+def test_nearest_resize_is_exact_where_torch_rounds_a_tie_down():
+    """(i + 0.5) * 2 / 61 is exactly 1 for i = 30; torch's float scale puts that voxel in source 0."""
+    import torch
+
+    ours = resize_nearest(np.arange(2).reshape(2, 1, 1), (61, 1, 1))[:, 0, 0]
+    source = torch.arange(2.0)[None, None, :, None, None]
+    exact = torch.nn.functional.interpolate(source, (61, 1, 1), mode="nearest-exact")
+    assert ours[30] == 1 and exact[0, 0, 30, 0, 0] == 0
+    assert (ours != exact[0, 0, :, 0, 0].numpy()).sum() == 1

@@ -15,7 +15,9 @@ from medmllm.engines.m3d.generation import pick_token
 from medmllm.engines.m3d.loader import expected_shapes
 from medmllm.engines.m3d.projector import SpatialPoolingProjector
 from medmllm.engines.m3d.segvol import PositionEmbeddingRandom
-from medmllm.engines.m3d.vit3d import Patchify, SelfAttention
+from medmllm.engines.m3d.vit3d import ViT3D, transformer_block
+from monai.networks.blocks import TransformerBlock
+from monai.networks.nets import ViT
 
 # Phi-3-mini-4k keys as in the M3D-LaMed-Phi-3-4B config.json (official LaMed keys, no optional ones).
 PHI3_FULL = {
@@ -87,6 +89,7 @@ def test_full_size_phi3_has_official_names_shapes_and_parameter_count():
     for name, shape in OFFICIAL_SHAPES.items():
         assert shapes[name] == shape, name
     assert "model.seg_module.image_encoder.cls_token" not in shapes  # MONAI ViT, classification=False
+    assert not any("norm_cross_attn" in k or "classification_head" in k for k in shapes)  # MONAI 1.3 tree
     assert not any("rotary" in k for k in shapes)
     # The four fp32 shards on the hub total about 16.2 GB, i.e. about 4.05B parameters.
     assert 4.0e9 < params < 4.1e9
@@ -145,29 +148,49 @@ def test_official_defaults_and_token_count():
     assert cfg.context_length == 2047 and cfg.text_config().sliding_window is None
 
 
-def test_patchify_matches_a_strided_conv():
-    """MONAI's perceptron order (p1 p2 p3 c), D-major tokens == Conv3d(k=s=patch) with permuted weights."""
+def test_patch_tokens_are_d_major_like_a_strided_conv():
+    """MONAI's perceptron order (p1 p2 p3 c), D-major tokens == Conv3d(k=s=patch) with permuted weights.
+
+    The projector's pooling relies on this token order."""
     torch.manual_seed(0)
+    vit = ViT3D(3, (8, 32, 16), (2, 8, 4), 6, 8, 0, 2, cls_token=False)
     x = torch.randn(2, 3, 8, 32, 16)
-    linear = torch.nn.Linear(3 * 2 * 8 * 4, 5)
-    tokens = linear(Patchify((2, 8, 4))(x))
-    conv = torch.nn.Conv3d(3, 5, kernel_size=(2, 8, 4), stride=(2, 8, 4))
+    linear = vit.patch_embedding.patch_embeddings[1]
+    tokens = vit.patch_embedding.patch_embeddings(x)
+    conv = torch.nn.Conv3d(3, 6, kernel_size=(2, 8, 4), stride=(2, 8, 4))
     with torch.no_grad():
-        conv.weight.copy_(linear.weight.reshape(5, 2, 8, 4, 3).permute(0, 4, 1, 2, 3))
+        conv.weight.copy_(linear.weight.reshape(6, 2, 8, 4, 3).permute(0, 4, 1, 2, 3))
         conv.bias.copy_(linear.bias)
     expected = conv(x).flatten(2).transpose(1, 2)
     assert torch.allclose(tokens, expected, atol=1e-5)
 
 
-def test_self_attention_matches_monai_formula():
+def test_sdpa_block_equals_monais_default_einsum_block():
+    """The attention path we pick changes nothing but speed: same weights, same output."""
     torch.manual_seed(0)
-    attn = SelfAttention(12, 3)
+    ours = transformer_block(12, 20, 3)
+    einsum = TransformerBlock(12, 20, 3)
+    assert einsum.load_state_dict(ours.state_dict(), strict=False).missing_keys == [
+        "norm_cross_attn.weight",
+        "norm_cross_attn.bias",
+    ]
     x = torch.randn(2, 7, 12)
-    qkv = attn.qkv(x).reshape(2, 7, 3, 3, 4)  # "b h (qkv l d) -> qkv b l h d"
-    q, k, v = (qkv[:, :, i].permute(0, 2, 1, 3) for i in range(3))
-    weights = (torch.einsum("blxd,blyd->blxy", q, k) * 4**-0.5).softmax(-1)
-    out = torch.einsum("bhxy,bhyd->bhxd", weights, v).permute(0, 2, 1, 3).reshape(2, 7, 12)
-    assert torch.allclose(attn(x), attn.out_proj(out), atol=1e-5)
+    assert torch.allclose(ours(x), einsum(x), atol=1e-6)
+
+
+def test_seg_encoder_equals_monais_vit_as_segvol_builds_it():
+    """SegVol's encoder is `monai.networks.nets.ViT(pos_embed="perceptron", classification=False)`."""
+    torch.manual_seed(0)
+    ours = ViT3D(1, (8, 32, 32), (4, 16, 16), 12, 20, 2, 3, cls_token=False).eval()
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    official = ViT(1, (8, 32, 32), (4, 16, 16), 12, 20, 2, 3, proj_type="perceptron").eval()
+    missing = official.load_state_dict(ours.state_dict(), strict=False).missing_keys
+    unused = [f"blocks.{i}.norm_cross_attn.{w}" for i in (0, 1) for w in ("weight", "bias")]
+    assert sorted(missing) == sorted(unused)
+    x = torch.rand(2, 1, 8, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), official(x)[0], atol=1e-5)
 
 
 def test_projector_pools_d_major():

@@ -224,6 +224,7 @@ def make_tiny(folder: str, family: str = "phi3", layout: str = "single", seed: i
         json.dump(data, f, indent=2)
     torch.manual_seed(seed)
     model = LamedModel(LamedConfig.from_dict(data))
+    torch.manual_seed(seed)  # the LM's draws must not depend on how many the vision blocks' init took
     liven(model.lm)
     write_weights(folder, model.lm.state_dict(), layout)
     return folder

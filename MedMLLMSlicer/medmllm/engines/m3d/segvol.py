@@ -4,6 +4,8 @@ Same tree and names as the official `segment_anything_volumetric` code (a SAM de
 its own ViT image encoder, a prompt encoder of which only the text path is used (the point / box /
 mask parts still exist because the checkpoints carry their tensors), a two-way transformer, the
 upscaling head and the text-alignment layer that adds a text-voxel similarity to the mask.
+The image encoder is MONAI's ViT (`vit3d.ViT3D`, as in the official `build_sam.py`); the rest is
+plain torch in the official code too (SAM's, no MONAI blocks), so it is written out here.
 """
 
 from __future__ import annotations

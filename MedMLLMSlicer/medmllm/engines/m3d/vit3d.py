@@ -1,9 +1,14 @@
-"""The MONAI-style 3D ViT both M3D-LaMed towers use, with MONAI's parameter names.
+"""The 3D ViT both M3D-LaMed towers use, assembled from MONAI's blocks as the official code does.
 
-Both the LaMed vision tower (with a CLS token) and the SegVol image encoder (without) are MONAI
-`ViT(pos_embed="perceptron")` in the official code; the checkpoints carry MONAI's names
-(`patch_embedding.patch_embeddings.1`, `blocks.N.attn.qkv`, `blocks.N.mlp.linear1`, ...), so these
-modules reproduce that tree exactly rather than depending on a MONAI version.
+The LaMed vision tower (`multimodal_encoder/vit.py`: a ViT with a CLS token and no classification
+head) and the SegVol image encoder (`monai.networks.nets.ViT`, classification=False) are both a
+MONAI `PatchEmbeddingBlock` (perceptron patches), `TransformerBlock`s and a final LayerNorm, so
+building the same tree from the same blocks gives the checkpoints' tensor names by construction
+(`patch_embedding.patch_embeddings.1`, `blocks.N.attn.qkv`, `blocks.N.mlp.linear1`, ...).
+
+Not `nets.ViT` itself: with `classification=True` it adds a head the checkpoint lacks (and returns
+its logits), and its blocks take MONAI's einsum attention, 8x slower on CPU than the
+`scaled_dot_product_attention` path chosen here, whose output is bit-identical (docs/m3d-lamed.md).
 """
 
 from __future__ import annotations
@@ -11,83 +16,20 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
-import torch.nn.functional as F
+from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from torch import nn
 
 
-class Patchify(nn.Module):
-    """`b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)`: MONAI's perceptron patch order."""
+def transformer_block(hidden: int, mlp_dim: int, num_heads: int) -> TransformerBlock:
+    """MONAI's block on the SDPA path, without the `norm_cross_attn` the checkpoints lack.
 
-    def __init__(self, patch_size: Tuple[int, int, int]) -> None:
-        super().__init__()
-        self.patch_size = tuple(patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, d, h, w = x.shape
-        p1, p2, p3 = self.patch_size
-        x = x.reshape(b, c, d // p1, p1, h // p2, p2, w // p3, p3)
-        x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
-        return x.reshape(b, (d // p1) * (h // p2) * (w // p3), p1 * p2 * p3 * c)
-
-
-class PatchEmbedding(nn.Module):
-    def __init__(
-        self,
-        in_channels: int,
-        image_size: Tuple[int, int, int],
-        patch_size: Tuple[int, int, int],
-        hidden: int,
-    ):
-        super().__init__()
-        n_patches = 1
-        patch_dim = in_channels
-        for i, p in zip(image_size, patch_size):
-            n_patches *= i // p
-            patch_dim *= p
-        self.patch_embeddings = nn.Sequential(Patchify(patch_size), nn.Linear(patch_dim, hidden))
-        self.position_embeddings = nn.Parameter(torch.zeros(1, n_patches, hidden))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.patch_embeddings(x) + self.position_embeddings
-
-
-class SelfAttention(nn.Module):
-    """MONAI SABlock: fused qkv without bias, split as (qkv, heads, head_dim)."""
-
-    def __init__(self, hidden: int, num_heads: int) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden, hidden * 3, bias=False)
-        self.out_proj = nn.Linear(hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.linear1 = nn.Linear(hidden, mlp_dim)
-        self.linear2 = nn.Linear(mlp_dim, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(F.gelu(self.linear1(x)))
-
-
-class TransformerBlock(nn.Module):
-    def __init__(self, hidden: int, mlp_dim: int, num_heads: int) -> None:
-        super().__init__()
-        self.mlp = MLP(hidden, mlp_dim)
-        self.norm1 = nn.LayerNorm(hidden)
-        self.attn = SelfAttention(hidden, num_heads)
-        self.norm2 = nn.LayerNorm(hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    MONAI >= 1.4 builds that LayerNorm even without cross-attention and never calls it then; the
+    official checkpoints were saved with MONAI 1.3, which had none, so keeping it would make the
+    strict name check fail (or leave 4 uninitialised tensors per block).
+    """
+    block = TransformerBlock(hidden, mlp_dim, num_heads, use_flash_attention=True)
+    del block.norm_cross_attn
+    return block
 
 
 class ViT3D(nn.Module):
@@ -106,8 +48,10 @@ class ViT3D(nn.Module):
     ) -> None:
         super().__init__()
         self.hidden_size = hidden
-        self.patch_embedding = PatchEmbedding(in_channels, image_size, patch_size, hidden)
-        self.blocks = nn.ModuleList(TransformerBlock(hidden, mlp_dim, num_heads) for _ in range(num_layers))
+        self.patch_embedding = PatchEmbeddingBlock(
+            in_channels, image_size, patch_size, hidden, num_heads, proj_type="perceptron", spatial_dims=3
+        )
+        self.blocks = nn.ModuleList(transformer_block(hidden, mlp_dim, num_heads) for _ in range(num_layers))
         self.norm = nn.LayerNorm(hidden)
         if cls_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
