@@ -182,6 +182,14 @@ def test_fuzzed_uploads_get_4xx_and_leave_the_store_clean(upload_server, put):
     fuzz.check_upload(upload_server.url, upload_server.store, *put)
 
 
+@settings(
+    max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
+@given(body=fuzz.chat_bodies())
+def test_fuzzed_chat_requests_get_a_json_4xx_never_a_500(upload_server, body):
+    fuzz.check_chat(upload_server.url, *body)
+
+
 def test_a_gzip_bomb_is_refused_with_413(upload_server):
     volume_id, body = fuzz.gzip_bomb()
     assert len(body) < 100_000

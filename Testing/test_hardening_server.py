@@ -321,3 +321,40 @@ def test_uploads_past_the_cap_get_503_and_an_ended_one_frees_its_slot(tmp_path):
     for upload in uploads:
         upload.discard()
     assert store.pending_bytes == 0
+
+
+def test_upload_bytes_waiting_for_a_slow_disk_count_against_the_memory_bound(tmp_path, monkeypatch):
+    import threading
+
+    from medmllm.geometry.volume import Volume
+
+    volumes = [Volume.from_array(phantom_ct()[0] + n, phantom_ct()[1]) for n in range(3)]
+    each = volumes[0].voxels.nbytes
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 30, max_memory_bytes=3 * each)
+    store.remember("a" * 64, volumes[0])
+    store.remember("b" * 64, volumes[1])
+    disk_free = threading.Event()
+    real_fdopen = os.fdopen
+
+    class SlowDisk:
+        """A file whose writes wait until the disk is told to go on."""
+
+        def __init__(self, fd, mode):
+            self.file = real_fdopen(fd, mode)
+
+        def write(self, data):
+            disk_free.wait(10)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    monkeypatch.setattr("medmllm.server.store.os.fdopen", SlowDisk)
+    upload = store.begin("0" * 64, None)
+    upload.write(bytes(each))
+    assert store.pending_bytes == each
+    store.remember("c" * 64, volumes[2])
+    assert store.memory_bytes() == 2 * each, "the oldest volume made room for the bytes in flight"
+    disk_free.set()
+    upload.discard()
+    assert store.pending_bytes == 0

@@ -13,7 +13,8 @@ Testing/test_fuzz_*.py check the same properties with a small count. The propert
 - wire: `decode_volume` on random and mutated bodies either returns a consistent volume within the
   byte limit or raises `WireError`, nothing else.
 - http: random and mutated uploads (gzip, bombs, bad encodings, ids that look like paths) get a
-  4xx with a sentence, never a 5xx; the server stays up; nothing lands outside its store.
+  4xx with a sentence, never a 5xx; the server stays up; nothing lands outside its store. Chat
+  requests with hostile JSON values (NaN, Infinity, lone surrogates, wrong types) get a JSON 4xx.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ MEMORY_STREAM_CHARS = 100_000
 MEMORY_PEAK_BYTES = 1 << 20
 MAX_WARNING_CHARS = 300
 UPLOAD_STATUSES = {201, 400, 404, 405, 411, 413, 415, 422}
+CHAT_STATUSES = {400, 404, 409, 413, 422}
 
 # ----- dialect text --------------------------------------------------------------------------------
 
@@ -326,6 +328,7 @@ def upload_requests(draw: Callable) -> Tuple[str, bytes, Dict[str, str]]:
     encoding = "gzip" if bomb else draw(st.sampled_from([None, None, "gzip", "identity", "br", "gzip, gzip"]))
     if encoding == "gzip" and not bomb and draw(st.booleans()):
         body = gzip.compress(body, compresslevel=1)
+        body += draw(st.sampled_from([b"", b"", b"\0" * 64, gzip.compress(b"second member")]))
     if encoding:
         headers["Content-Encoding"] = encoding
     return volume_id, body, headers
@@ -347,6 +350,51 @@ def check_upload(base_url: str, store: Path, volume_id: str, body: bytes, header
         assert detail, f"{response.status_code} without a detail"
     assert requests.get(f"{base_url}/healthz", timeout=10).status_code == 200, "server stopped answering"
     check_store(store)
+
+
+#: Any JSON value, including what Python's parser accepts beyond the standard (NaN, Infinity) and
+#: strings with lone surrogates (written as \\udXXX escapes).
+_HOSTILE_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(st.characters(exclude_categories=()), max_size=20),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+_CHAT_FIELDS = (
+    "volume_id",
+    "session_id",
+    "question",
+    "messages",
+    "view",
+    "roi",
+    "model",
+    "max_new_tokens",
+    "temperature",
+)
+
+
+@st.composite
+def chat_bodies(draw: Callable) -> Tuple[bytes]:
+    """A POST /v1/chat body: a well-formed request with some fields replaced by hostile values."""
+    body: Dict[str, Any] = {"volume_id": "0" * 64, "question": "where is the liver?"}
+    for name in draw(st.lists(st.sampled_from(_CHAT_FIELDS), max_size=4)):
+        body[name] = draw(_HOSTILE_VALUES)
+    return (json.dumps(body).encode("ascii"),)
+
+
+def check_chat(base_url: str, body: bytes) -> None:
+    """One hostile chat request: a 4xx with a JSON detail, never a 5xx or a plain-text error."""
+    import requests
+
+    headers = {"Content-Type": "application/json"}
+    response = requests.post(f"{base_url}/v1/chat", data=body, headers=headers, timeout=30)
+    assert response.status_code in CHAT_STATUSES, (
+        f"chat answered {response.status_code}: {response.text[:200]}"
+    )
+    assert response.json().get("detail"), f"{response.status_code} without a detail"
 
 
 STORE_FOLDERS = ("volumes", "tmp", "results", "sessions")
@@ -426,8 +474,13 @@ def fuzz_http(cases: int, seed_value: int) -> Tuple[int, Optional[str]]:
         proc, url = start_server(store, "--max-volume-mb", str(HTTP_LIMIT_MB))
         try:
             count, failure = run_property(
-                upload_requests(), lambda *req: check_upload(url, store, *req), cases, seed_value
+                upload_requests(), lambda *req: check_upload(url, store, *req), cases - cases // 4, seed_value
             )
+            chats, chat_failure = run_property(
+                chat_bodies(), lambda body: check_chat(url, body), max(1, cases // 4), seed_value
+            )
+            count += chats
+            failure = "\n".join(f for f in (failure, chat_failure) if f) or None
             try:
                 check_store(store, verify_hashes=True)
             except AssertionError as exc:

@@ -382,11 +382,7 @@ class VolumeStore:
     def memory_bytes(self) -> int:
         return sum(v.voxels.nbytes for v in self._cache.values())
 
-    def enforce_disk_bound(self) -> None:
-        with self._disk_lock:
-            self._enforce_disk_bound(keep=None)
-
-    def _enforce_disk_bound(self, keep: Optional[str]) -> None:
+    def _enforce_disk_bound(self, keep: str) -> None:
         """Delete least recently used volumes until the folder fits (`keep`, just stored, stays)."""
         files = sorted(_stat_all(self.dir.glob("*.vol")), key=lambda f: f[1].st_mtime)
         total = sum(s.st_size for _, s in files)
