@@ -70,8 +70,10 @@ class _Spool:
     """An upload's bytes hashed and written to a temporary file by a thread of its own while the
     body still arrives, so hashing and the disk work in parallel with the network (hashlib and file
     writes release the GIL). `put` blocks while more than MAX_PENDING_BYTES wait for the disk, so
-    memory per upload stays bounded however fast the client sends. A write error (a full disk)
-    surfaces at the next `put` or at `sha256`."""
+    memory per upload stays bounded however fast the client sends. Once the last byte is written
+    the digest is ready (`sha256`) while the thread fsyncs the file (`finish` waits for that), so
+    reading the verified file back overlaps the fsync. A write error (a full disk) surfaces at the
+    next `put`, at `sha256` or at `finish`."""
 
     def __init__(self, tmp_dir: Path, prefix: str, store: VolumeStore) -> None:
         try:
@@ -86,6 +88,8 @@ class _Spool:
         self._ready = threading.Condition()
         self._error: Optional[OSError] = None
         self._hash = hashlib.sha256()
+        self._written = threading.Event()
+        self._abandoned = False  # discarded: no point in fsyncing
         self._thread = threading.Thread(target=self._run, name="upload-spool", daemon=True)
         self._thread.start()
 
@@ -100,12 +104,21 @@ class _Spool:
             self._ready.notify_all()
 
     def sha256(self) -> str:
-        """Hex digest of everything put, once the last bytes are on disk (fsynced)."""
-        self._stop()
+        """Hex digest of everything put, once the last bytes are written (readable, not yet fsynced)."""
+        with self._ready:
+            self._chunks.append(None)
+            self._ready.notify_all()
+        self._written.wait()
         self._check()
         return self._hash.hexdigest()
 
+    def finish(self) -> None:
+        """Wait until the file is fsynced and closed."""
+        self._stop()
+        self._check()
+
     def discard(self) -> None:
+        self._abandoned = True
         self._stop()
         self.path.unlink(missing_ok=True)
 
@@ -147,6 +160,11 @@ class _Spool:
         try:
             if self._error is None:
                 self._file.flush()
+        except OSError as exc:
+            self._error = exc
+        self._written.set()
+        try:
+            if self._error is None and not self._abandoned:
                 os.fsync(self._file.fileno())
             self._file.close()
         except OSError as exc:
@@ -236,6 +254,7 @@ class Upload:
                     400, f"upload corrupted: its sha256 is {digest}, not the volume id in the URL"
                 )
             volume = _decode_stored(self._spool.path.read_bytes(), self.store.max_volume_bytes)
+            self._spool.finish()
             self.store.keep(self._spool.path, self.volume_id, volume)
             return volume
         finally:
