@@ -20,6 +20,7 @@ from medmllm.geometry.volume import Volume
 NORMALS = {"axial": (0, 0, 1), "coronal": (0, 1, 0), "sagittal": (1, 0, 0)}
 FILL_ALPHA = 0.35
 PANEL_MIN_PX = 360  # each panel is scaled up to at least this on its longer side
+TITLE_PX = 24  # the panel title's band at the top
 # (centre, width) in HU; chosen by words in the segment names, first match wins.
 CT_WINDOWS: Tuple[Tuple[Tuple[str, ...], str, Tuple[float, float]], ...] = (
     (("lung", "airway", "trachea", "bronch"), "lung window", (-600.0, 1500.0)),
@@ -134,6 +135,8 @@ def _label(draw, text: str, xy, colour, font, size, centred: bool = True) -> Non
     w, h = right - left, bottom - top
     x = xy[0] - w / 2 if centred else xy[0]
     y = xy[1] - h - 6 if centred else xy[1]
+    if centred and y < TITLE_PX:  # above the region there is no room: write it just inside
+        y = xy[1] + 4
     x = min(max(2.0, x), size[0] - w - 2)
     y = min(max(2.0, y), size[1] - h - 2)
     draw.text((x, y), text, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))

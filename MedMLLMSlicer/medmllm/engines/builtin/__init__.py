@@ -54,7 +54,7 @@ COLOURS: Dict[str, Tuple[float, float, float]] = {
         "Left lung": (120, 170, 230),
         "Airway": (182, 228, 255),
         "Bone": (241, 214, 145),
-        "Brain": (250, 250, 225),
+        "Brain": (255, 190, 110),  # brighter than GenericAnatomy's near-white: visible on T1
     }.items()
 }
 ANATOMY_HELP = (

@@ -30,6 +30,8 @@ class CTAnalysis:
         self.f = grid.coarse_factors(hu.shape, self.spacing_kji)
         self.spacing_c = tuple(s * f for s, f in zip(self.spacing_kji, self.f))
         self.axis = grid.axial_axis(self.ijk_to_ras)
+        import scipy.ndimage  # noqa: F401  (imported here, when a volume arrives, not in the first answer)
+
         self._cache: Dict[str, np.ndarray] = {}
         self._done: Dict[str, Dict[str, np.ndarray]] = {}
 
@@ -84,7 +86,9 @@ class CTAnalysis:
     def body_masks(self) -> Dict[str, np.ndarray]:
         def compute() -> Dict[str, np.ndarray]:
             body = self.body_coarse()
-            return {"Body": grid.refine(body, self.f, self.hu > BODY_MIN_HU)} if body.any() else {}
+            return (
+                {"Body": grid.refine(body, self.f, self.hu, lambda v: v > BODY_MIN_HU)} if body.any() else {}
+            )
 
         return self._cached("body", compute)
 
@@ -103,7 +107,7 @@ class CTAnalysis:
             airway = self.airway_coarse()
             if not airway.any():
                 return {}
-            return {"Airway": grid.refine(airway, self.f, self.hu < ct_airway.AIRWAY_MAX_HU)}
+            return {"Airway": grid.refine(airway, self.f, self.hu, lambda v: v < ct_airway.AIRWAY_MAX_HU)}
 
         return self._cached("airway", compute)
 
@@ -116,7 +120,10 @@ class CTAnalysis:
             sides = ct_lungs.split_sides(regions, self.x_ras_c(), self.midline_x())
             full = {
                 name: grid.refine(
-                    grid.fill_holes_per_slice(m, self.axis), self.f, self.hu < ct_lungs.LUNG_MAX_HU
+                    grid.fill_holes_per_slice(m, self.axis),
+                    self.f,
+                    self.hu,
+                    lambda v: v < ct_lungs.LUNG_MAX_HU,
                 )
                 for name, m in sides.items()
             }
@@ -134,7 +141,7 @@ class CTAnalysis:
             bones, vessels = ct_bones.find_bones(self.hu_c, inside, self.spacing_c, self.coarse_voxel_ml)
             if not bones.any():
                 return {}
-            full = grid.refine(bones, self.f, self.hu >= ct_bones.BONE_MIN_HU)
+            full = grid.refine(bones, self.f, self.hu, lambda v: v >= ct_bones.BONE_MIN_HU)
             full &= self.hu > ct_bones.MARROW_MIN_HU  # enclosed gas is no marrow
             if vessels.any():  # the boundary band must not take lumen voxels back
                 full &= ~grid.upsample(vessels, self.f, self.hu.shape)
