@@ -272,6 +272,9 @@ def test_idle_sockets_slow_headers_and_stalled_bodies_are_timed_out(shared):
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
     stalled = _stalled_upload(shared.port, b"x" * 1000, declared=100_000)
     assert wait_until(lambda: len(list((shared.store / "tmp").iterdir())) == 1)
+    stalled_chat = _connect(shared.port)
+    head = "POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    stalled_chat.sendall(f"{head}Content-Length: 500\r\n\r\n".encode() + b'{"volume_id": "')
     for _ in range(4 * (SHARED_TIMEOUT_S + 2)):  # a header byte every 0.25 s keeps arriving: still cut off
         try:
             slow.sendall(b"a")
@@ -282,11 +285,12 @@ def test_idle_sockets_slow_headers_and_stalled_bodies_are_timed_out(shared):
     assert _closed_by_server(slow, limit) == b""
     for sock in idle:
         assert _closed_by_server(sock, limit) == b""
-    answer = _closed_by_server(stalled, limit)
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    for sock in (stalled, stalled_chat):
+        answer = _closed_by_server(sock, limit)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert wait_until(lambda: not list((shared.store / "tmp").iterdir())), "the stalled upload is removed"
     assert requests.get(f"{shared.url}/healthz", timeout=5).status_code == 200
-    for sock in [*idle, slow, stalled]:
+    for sock in [*idle, slow, stalled, stalled_chat]:
         sock.close()
 
 
@@ -344,6 +348,7 @@ def test_a_damaged_volume_is_not_served_and_planted_links_are_not_followed(share
         f"{shared.url}/v1/chat", json={"volume_id": linked_id, "question": "hi"}, timeout=30
     )
     assert linked.status_code == 404, "a volume file that is a link out of the store is not read"
+    assert requests.head(f"{shared.url}/v1/volumes/{linked_id}", timeout=10).status_code == 404
 
     done = list(client.chat(kept, "how big is the body?"))[-1]
     result = shared.store / "results" / done["result_id"]

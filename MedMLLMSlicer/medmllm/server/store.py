@@ -451,13 +451,14 @@ def _is_real(path: Path, kind) -> bool:
 
 
 def _touch(path: Path) -> bool:
-    """Mark a stored volume as just used (the disk bound evicts by modification time); False if absent."""
+    """Mark a stored volume as just used (the disk bound evicts by modification time); False if it
+    is absent or not a regular file (a planted link is never touched through)."""
+    if not _is_real(path, stat.S_ISREG):
+        return False
     try:
-        os.utime(path, follow_symlinks=False)
+        os.utime(path)
     except FileNotFoundError:
         return False
-    except NotImplementedError:  # no lutimes on this platform
-        os.utime(path)
     return True
 
 
