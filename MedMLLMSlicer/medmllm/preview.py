@@ -136,7 +136,7 @@ def _label(draw, text: str, xy, colour, font, size, centred: bool = True) -> Non
     x = xy[0] - w / 2 if centred else xy[0]
     y = xy[1] - h - 6 if centred else xy[1]
     if centred and y < TITLE_PX:  # above the region there is no room: write it just inside
-        y = xy[1] + 4
+        y = max(xy[1] + 4, TITLE_PX)
     x = min(max(2.0, x), size[0] - w - 2)
     y = min(max(2.0, y), size[1] - h - 2)
     draw.text((x, y), text, fill=colour, font=font, stroke_width=2, stroke_fill=(0, 0, 0))

@@ -65,6 +65,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--no-download", action="store_true", help="use only cached samples (skip what is missing)"
     )
+    p.add_argument(
+        "--anatomy",
+        choices=("off", "auto"),
+        default="off",
+        help="off (default): the built-in classical tools answer, as the demo teaches; auto: "
+        "TotalSegmentator answers the structures it knows where it and its weights are installed",
+    )
     p.set_defaults(func=run)
 
 
@@ -75,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
     cases = demo_cases(console, download=not args.no_download)
-    run_demo(cases, args.out, via_server=not args.in_process, console=console)
+    run_demo(cases, args.out, via_server=not args.in_process, console=console, anatomy=args.anatomy)
     print_slicer_help(console, args.out, cases)
     return 0
 
@@ -127,12 +134,14 @@ def real_ct_case(
     return DemoCase(folder, title, volume, f"{scan.description}; {scan.attribution}", questions)
 
 
-def run_demo(cases: Sequence[DemoCase], out_dir: Path, via_server: bool, console: Any) -> List[Path]:
+def run_demo(
+    cases: Sequence[DemoCase], out_dir: Path, via_server: bool, console: Any, anatomy: str = "off"
+) -> List[Path]:
     """Ask every case's questions; returns the result folders, one per question."""
     from medmllm.engines.base import EngineOptions
     from medmllm.engines.registry import create_engine
 
-    engine = create_engine("builtin", EngineOptions())
+    engine = create_engine("builtin", EngineOptions(extra={"anatomy": anatomy}))
     folders: List[Path] = []
     with tempfile.TemporaryDirectory(prefix="medmllm-demo-store-") as store:
         asker = _ServerAsker(engine, Path(store)) if via_server else _LocalAsker(engine)
