@@ -100,3 +100,24 @@ def test_volume_snapshot_stops_when_the_volume_changes(worker):
         snapshot.step()
     with pytest.raises(ValueError, match="no 3D scalar voxels"):
         worker.VolumeSnapshot(lambda: np.zeros((4, 4)))
+
+
+def test_dispatcher_ticks_fast_and_waits_gil_free_while_a_worker_runs(worker):
+    """Where idle Qt holds the GIL (PythonQt in Slicer) a worker advances only while the main thread
+    runs Python: with a worker running the timer ticks every FAST_TICK_MS, and a tick hands the GIL
+    to the worker while it waits for output, so what the worker posts meanwhile is run in that tick."""
+    import threading
+
+    dispatcher = worker.Dispatcher()
+    dispatcher._timer.stop()  # ticks are driven by hand here
+    assert dispatcher._timer.interval() == worker.TICK_MS
+    go, ran = threading.Event(), []
+    dispatcher.start(lambda: go.wait(5) and dispatcher.post(ran.append, "from the worker"), "test")
+    assert dispatcher.running == 1 and dispatcher._timer.interval() == worker.FAST_TICK_MS
+    go.set()  # the worker now needs the GIL to post; the main thread holds it until drain waits
+    dispatcher.drain()
+    assert ran == ["from the worker"], "the worker's output arrived within the same tick"
+    while dispatcher.running:
+        dispatcher.drain()
+    assert dispatcher._timer.interval() == worker.TICK_MS
+    dispatcher.stop()

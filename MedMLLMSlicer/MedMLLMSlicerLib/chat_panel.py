@@ -64,18 +64,23 @@ class _Banner:
 
     def __init__(self, action: str, on_action: Callable[[], None], on_cancel: Callable[[], None]) -> None:
         self.frame = qt.QFrame()
-        self.frame.setStyleSheet("QFrame { background: #fde2e1; border: 1px solid #c0392b; }")
-        row = qt.QHBoxLayout(self.frame)
+        self.frame.setObjectName("medmllmBanner")  # the style must not reach the QLabel (a QFrame too)
+        self.frame.setStyleSheet("#medmllmBanner { background: #fde2e1; border: 1px solid #c0392b; }")
+        column = qt.QVBoxLayout(self.frame)  # text above the buttons: long text (pip's) gets the width
         self.label = qt.QLabel("")
         self.label.setWordWrap(True)
         self.label.setTextFormat(qt.Qt.PlainText)  # pip's output and URLs are not HTML
-        row.addWidget(self.label, 1)
+        self.label.setTextInteractionFlags(qt.Qt.TextSelectableByMouse)  # e.g. to copy pip's error
+        column.addWidget(self.label)
+        row = qt.QHBoxLayout()
+        row.addStretch(1)
         self.button = qt.QPushButton(action)
         self.button.clicked.connect(lambda *_: on_action())
         row.addWidget(self.button)
         self.cancel_button = qt.QPushButton("Cancel")
         self.cancel_button.clicked.connect(lambda *_: (self.hide(), on_cancel()))
         row.addWidget(self.cancel_button)
+        column.addLayout(row)
         self.frame.setVisible(False)
 
     def show(self, text: str) -> None:
@@ -202,7 +207,6 @@ class ChatPanel:
         self.connection_label.setWordWrap(True)
         form.addRow(self.connection_label)
         self.install_banner = _Banner("Install", self.install_packages, self._dismissed)
-        form.addRow(self.install_banner.frame)
         self.log_view = qt.QPlainTextEdit()
         self.log_view.setReadOnly(True)
         self.log_view.setVisible(False)
@@ -214,6 +218,7 @@ class ChatPanel:
         self.model_info.setWordWrap(True)
         form.addRow(self.model_info)
         layout.addWidget(box)
+        layout.addWidget(self.install_banner.frame)  # not in the form: it would clip wrapped text
 
     def _build_inputs(self, layout: Any) -> None:
         form = qt.QFormLayout()

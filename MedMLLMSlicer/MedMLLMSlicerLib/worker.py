@@ -5,6 +5,11 @@ threads never call Qt: they put callbacks in a queue and `Dispatcher`'s timer ru
 milliseconds' worth per tick, so a burst of tokens never freezes the UI. Anything slow (hashing,
 upload, download, reading masks) runs on threads; the main thread only copies voxels in slices
 and hands ready arrays to MRML.
+
+Slicer never enables PythonQt's thread support: its main thread keeps the GIL while idle in the Qt
+event loop, so worker threads advance only while the main thread runs Python. While a worker runs,
+the timer therefore ticks every FAST_TICK_MS and each tick waits for the queue with the GIL
+released for up to WAIT_S (`scripts/bench_slicer_gil.py` measures both regimes).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from medmllm.client import BackendError
 
 log = logging.getLogger(__name__)
 
-TICK_MS = 20
+TICK_MS = 20  # idle cadence
+FAST_TICK_MS = 5  # while worker threads run
+WAIT_S = 0.003  # GIL-free wait for worker output per fast tick
 BUDGET_S = 0.015
 STEP_S = 0.005  # main-thread time per slice-copying step
 
@@ -33,6 +40,7 @@ class Dispatcher:
 
     def __init__(self) -> None:
         self._queue: queue.Queue = queue.Queue()
+        self.running = 0  # worker threads started by `start` and not finished (main thread only)
         self._timer = qt.QTimer()
         self._timer.setInterval(TICK_MS)
         self._timer.timeout.connect(self.drain)
@@ -52,14 +60,40 @@ class Dispatcher:
                 result, error = None, exc
             self.post(on_done, result, error)
 
-        threading.Thread(target=run, daemon=True, name="medmllm-worker").start()
+        self.start(run, "medmllm-worker")
+
+    def start(self, target: Callable[[], None], name: str) -> threading.Thread:
+        """Run `target` on a daemon thread (call on the main thread); until it ends the timer ticks
+        fast and waits GIL-free for its output, so it advances even where idle Qt holds the GIL."""
+        self.running += 1
+        self._timer.setInterval(FAST_TICK_MS)
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self.post(self._ended)
+
+        thread = threading.Thread(target=run, daemon=True, name=name)
+        thread.start()
+        return thread
+
+    def _ended(self) -> None:
+        self.running -= 1
+        if not self.running:
+            self._timer.setInterval(TICK_MS)
 
     def drain(self) -> None:
-        """Run queued callbacks until the queue is empty or this tick's time budget is spent."""
-        deadline = time.perf_counter() + BUDGET_S
+        """Run queued callbacks until this tick's time budget is spent; while workers run, wait
+        up to WAIT_S for their output with the GIL released (it stays free for them meanwhile)."""
+        start = time.perf_counter()
+        deadline, wait_until = start + BUDGET_S, start + (WAIT_S if self.running else 0.0)
         while time.perf_counter() < deadline:
             try:
-                callback, args = self._queue.get_nowait()
+                remaining = wait_until - time.perf_counter()
+                callback, args = (
+                    self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                )
             except queue.Empty:
                 return
             try:
@@ -142,7 +176,7 @@ class ChatJob:
         self.copy_steps = 0  # main-thread steps the voxel copy took
         self.cancelled = threading.Event()
         self.volume_id = ""
-        self._thread = threading.Thread(target=self._run, daemon=True, name="medmllm-chat")
+        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> None:
         """Begin copying the voxels; the network part starts on a thread once the copy is done."""
@@ -163,7 +197,7 @@ class ChatJob:
             self._finish(str(exc))
             return
         if complete:
-            self._thread.start()
+            self._thread = self.dispatcher.start(self._run, "medmllm-chat")
         else:
             self.dispatcher.post(self._copy_step)
 
@@ -173,7 +207,7 @@ class ChatJob:
             return
         self.cancelled.set()
         session_id = self.request.get("session_id")
-        if session_id and self._thread.is_alive():
+        if session_id and self._thread is not None and self._thread.is_alive():
             threading.Thread(target=self._cancel_remote, args=(session_id,), daemon=True).start()
 
     def _cancel_remote(self, session_id: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any, Callable
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from . import install
+from .qt import restore_none_references
 
 
 @pytest.fixture
@@ -24,7 +26,9 @@ def fake_slicer(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
         QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, str(tmp_path / "settings")
     )
     monkeypatch.setattr(slicer.util, "tempDirectory", lambda *a, **k: str(tmp_path))
-    return slicer
+    none_references = sys.getrefcount(None)
+    yield slicer
+    restore_none_references(none_references)
 
 
 def add_phantom(slicer: Any, voxels: np.ndarray, ijk_to_ras: np.ndarray, name: str = "Phantom CT") -> Any:
