@@ -127,7 +127,8 @@ class MedMLLMSlicerLogic(ScriptedLoadableModuleLogic):
 
 def phantom_ct() -> Tuple[np.ndarray, np.ndarray]:
     """A small CT with known anatomy: body 40 HU, right lung at i 12..28, left lung at i 36..52
-    (i grows towards the patient's left), bone 700 HU at i 28..36, j 46..54, k 5..35."""
+    (i grows towards the patient's left), bone 700 HU at i 28..36, j 46..54, k 5..35. Voxels are
+    1.6 x 1.6 x 2.5 mm so each lung is over 8 mm deep, as the built-in lung tool requires."""
     shape = (40, 64, 64)
     k, j, i = np.indices(shape)
     voxels = np.full(shape, -1000, dtype=np.int16)
@@ -135,7 +136,7 @@ def phantom_ct() -> Tuple[np.ndarray, np.ndarray]:
     for centre in (20, 44):
         voxels[((i - centre) / 8.0) ** 2 + ((j - 30) / 13.0) ** 2 + ((k - 20) / 12.0) ** 2 <= 1] = -850
     voxels[5:36, 46:55, 28:37] = 700
-    ijk_to_ras = np.array([[-0.8, 0, 0, 25.0], [0, -0.8, 0, 25.0], [0, 0, 2.5, -50.0], [0, 0, 0, 1]])
+    ijk_to_ras = np.array([[-1.6, 0, 0, 50.0], [0, -1.6, 0, 50.0], [0, 0, 2.5, -50.0], [0, 0, 0, 1]])
     return voxels, ijk_to_ras
 
 
