@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from engine_contract import EngineCase
 from medmllm import samples
 from medmllm.engines.base import (
     BoxOut,
@@ -250,3 +251,11 @@ def test_a_missing_side_or_structure_is_said_to_be_absent(engine, ct):
     events = _ask(engine, body, "show me the lungs", "no-air")
     assert not _of(events, MaskOut)
     assert "The lungs are not in this scan" in _text(events)
+
+
+def contract_case(request):
+    """For the engine contract suite: the chest CT phantom, where the lungs are found and boxed."""
+    ct = samples.chest_ct_phantom(CT_SHAPE, _centred((2.5, 2.5, 3.0), CT_SHAPE, flip=(-1, -1, 1)))
+    engine = BuiltinEngine(EngineOptions(extra={"brain_method": "classical"}))
+    yield EngineCase(engine, ct, box_question="where is the left lung?", long_question="report")
+    engine.close()

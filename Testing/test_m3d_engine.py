@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401
+from engine_contract import EngineCase
 from medmllm.engines.base import (
     BoxOut,
     ChatContext,
@@ -400,3 +401,10 @@ def test_ask_cli_takes_the_official_demo_npy(tiny_m3d, tmp_path, capsys):
     assert "--option expects KEY=VALUE" in capsys.readouterr().err
     assert main(["ask", str(tmp_path / "example_00.npy"), "hi", "--out", str(out)]) == 2
     assert "use it with --engine m3d" in capsys.readouterr().err
+
+
+def contract_case(request):
+    """For the engine contract suite: the tiny random M3D checkpoint (its words promise no box)."""
+    engine = create_engine("m3d", EngineOptions(model=request.getfixturevalue("tiny_m3d"), device="cpu"))
+    yield EngineCase(engine, phantom())
+    engine.close()

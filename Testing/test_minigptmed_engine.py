@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers  # noqa: F401
 from conftest import load_script
+from engine_contract import EngineCase
 from medmllm.engines.base import (
     BoxOut,
     ChatContext,
@@ -249,10 +250,20 @@ def test_bad_inputs(engine):
         _run(engine, _ctx(volume, "   "))
     with pytest.raises(EngineError, match="Vision-CAIR/MiniGPT-Med"):
         create_engine("minigptmed", EngineOptions())
-    with pytest.raises(EngineError, match=r"bad minigptmed option.*nope"):
+    with pytest.raises(EngineError, match=r"unknown segmenter .nope."):
         create_engine("minigptmed", EngineOptions(extra={"segmenter": "nope"}))
     with pytest.raises(EngineError, match="temperature"):
         _run(
             engine,
             ChatContext(volume, "vol", [ChatTurn("user", "hi")], ViewState("axial", 2), temperature=-1),
         )
+
+
+def contract_case(request):
+    """For the engine contract suite: the tiny random MiniGPT-Med checkpoint (its words promise no box)."""
+    folder = ROOT / "Testing" / ".tiny" / "minigptmed-contract"
+    shutil.rmtree(folder, ignore_errors=True)
+    load_script("make_tiny_minigptmed").make_tiny(str(folder), seed=5)
+    engine = create_engine("minigptmed", EngineOptions(model=str(folder)))
+    yield EngineCase(engine, block_volume(), view=ViewState("axial", 2))
+    engine.close()

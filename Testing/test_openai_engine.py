@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import pytest
-from fake_openai_server import FakeOpenAIServer, bright_box, grounded_answer
+from engine_contract import EngineCase
+from fake_openai_server import INTERNVL_SPECIAL_TOKENS, FakeOpenAIServer, bright_box, grounded_answer
 from medmllm.engines.base import (
     BoxOut,
     ChatContext,
@@ -119,10 +120,15 @@ def sent_size(dialect: str, width: int, height: int) -> Any:
 
 @pytest.mark.parametrize("dialect", GROUNDING_2D)
 def test_phantom_box_lands_on_the_lesion_in_ras(dialect: str) -> None:
-    """Contract for every registered 2D dialect: its example answer, sent by the fake server about
-    the picture it received, becomes a box on the lesion."""
+    check_lesion_box(dialect)
+
+
+def check_lesion_box(dialect: str) -> None:
+    """Dialect contract (also run by test_contract_dialects.py): the dialect's example answer, sent by
+    the fake server about the picture it received, becomes a box on the lesion in RAS."""
     question = "Where is the lesion?"
-    with FakeOpenAIServer(lesion_answer(dialect), model="med-vlm", api_key=API_KEY) as server:
+    special = INTERNVL_SPECIAL_TOKENS if get_dialect(dialect).special_markup else ()  # the served tokenizer's
+    with FakeOpenAIServer(lesion_answer(dialect), "med-vlm", API_KEY, special_tokens=special) as server:
         engine = engine_for(server, dialect)
         events = run(engine, context(question, ViewState("axial", VIEW_INDEX["axial"])))
     request = server.requests[0]
@@ -449,3 +455,18 @@ def test_without_model_a_boxless_answer_still_warns() -> None:
     assert [w.message for w in of(events, WarningOut)] == [
         "the model answered without a internvl box; no ROI was made"
     ]
+
+
+def contract_case(request):
+    """For the engine contract suite: the fake server answering like MedRegA, slowly enough that
+    an answer streams for seconds (cancel is checked on it)."""
+
+    def answer(body: Dict[str, Any], images: List[Image.Image]) -> str:
+        if "lesion" in str(body["messages"][-1]["content"]):
+            return grounded_answer("internvl", images[0], "lesion")
+        return "The image shows a block of soft tissue with a brighter lesion. " * 20
+
+    with FakeOpenAIServer(answer, model="medrega", chunk_size=4, chunk_delay=0.01) as server:
+        engine = create_engine("openai", EngineOptions(model="medrega", base_url=server.base_url))
+        yield EngineCase(engine, phantom(), box_question="Where is the lesion?", view=ViewState("axial", 20))
+        engine.close()

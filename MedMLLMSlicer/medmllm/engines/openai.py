@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import importlib
 import io
-import math
 import queue
 import re
 import threading
@@ -48,12 +47,13 @@ from medmllm.engines.base import (
     TokenOut,
     WarningOut,
 )
+from medmllm.engines.toolkit import int_option, seconds_option, segmenter_option
 from medmllm.geometry.slices import CT_SOFT_TISSUE, SliceImage, default_window_limits, export_slice
 from medmllm.geometry.volume import VolumeError, window_limits
 from medmllm.grounding.base import BoxFound, ParseWarning
 from medmllm.grounding.images import ImagePolicy
 from medmllm.grounding.registry import dialect_for_model, get_dialect, slice_dialect_names
-from medmllm.segmenters import DEFAULT_SEGMENTER, BoxSegmenter, SegmenterError, get_segmenter
+from medmllm.segmenters import BoxSegmenter, SegmenterError
 
 if TYPE_CHECKING:
     from medmllm.geometry.boxes import IJKBox
@@ -276,17 +276,11 @@ class OpenAIEngine(Engine):
         self.base_url = _with_api_path(options.base_url)
         self._use_dialect(options.dialect or dialect_for_model(options.model))
         extra = options.extra
-        self.max_images = self._positive_int(extra.get("max_images", 1), "max_images")
-        self.timeout = self._positive_number(extra.get("timeout", 120.0), "timeout")
-        self.max_retries = self._positive_int(extra.get("max_retries", 1), "max_retries", allow_zero=True)
+        self.max_images = int_option(extra, "max_images", 1)
+        self.timeout = seconds_option(extra, "timeout", 120.0)
+        self.max_retries = int_option(extra, "max_retries", 1, minimum=0)
         self._system_prompt: Optional[str] = extra.get("system_prompt")
-        segmenter_name = str(extra.get("segmenter", DEFAULT_SEGMENTER))
-        try:
-            self.segmenter: Optional[BoxSegmenter] = (
-                None if segmenter_name == "none" else get_segmenter(segmenter_name)
-            )
-        except SegmenterError as exc:
-            raise EngineError(str(exc)) from exc
+        self.segmenter: Optional[BoxSegmenter] = segmenter_option(extra)
         self._model = options.model
         self._served: Optional[str] = None  # the model name, once the server confirmed it
         self._keep_special: Optional[bool] = None  # whether the server takes skip_special_tokens
@@ -310,28 +304,6 @@ class OpenAIEngine(Engine):
         if self._system_prompt is None:
             return self.dialect.system_prompt(self._served or self._model or "")
         return self._system_prompt
-
-    @staticmethod
-    def _positive_int(value: Any, key: str, allow_zero: bool = False) -> int:
-        try:
-            number = int(value)
-        except (TypeError, ValueError):
-            number = -1
-        if number < (0 if allow_zero else 1):
-            raise EngineError(
-                f"engine option {key} must be a {'non-negative' if allow_zero else 'positive'} integer"
-            )
-        return number
-
-    @staticmethod
-    def _positive_number(value: Any, key: str) -> float:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if not number > 0 or math.isinf(number):
-            raise EngineError(f"engine option {key} must be a positive number of seconds, got {value!r}")
-        return number
 
     def models(self) -> List[ModelInfo]:
         grounding = "ground" in self.dialect.tasks

@@ -92,6 +92,7 @@ class Dialect(ABC):
     `models`: lower-case pieces of served model names that speak this dialect ("lingshu").
     `image`: the picture a 2D model wants (`ImagePolicy`); None for models that read a volume.
     `languages`: the languages its prompts are written in.
+    `box_dims`: 2 for boxes on a picture, 3 for boxes in a volume (the length of a region is twice that).
     """
 
     name: str = ""
@@ -101,6 +102,7 @@ class Dialect(ABC):
     models: Tuple[str, ...] = ()
     image: Optional[ImagePolicy] = ImagePolicy()
     languages: Tuple[str, ...] = ("en",)
+    box_dims: int = 2
 
     def system_prompt(self, model: str) -> Optional[str]:
         """The system message the served `model` was trained with, if it needs one."""

@@ -91,6 +91,7 @@ class M3DDialect(Dialect):
     )
     tasks = ("chat", "ground", "region", "report", "segment")
     image = None
+    box_dims = 3
 
     def example_answer(
         self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None

@@ -36,6 +36,7 @@ from medmllm.engines.builtin.ct_tools import CTAnalysis
 from medmllm.engines.builtin.measure import Measurement, measure, size_sentence, where_sentence
 from medmllm.engines.builtin.mri_tools import BrainMaskError, brain_mask
 from medmllm.engines.builtin.report import guess_modality, volume_report
+from medmllm.engines.toolkit import stream_words as _words
 from medmllm.geometry.boxes import IJKBox
 from medmllm.geometry.volume import Volume
 from medmllm.samples import cache_dir
@@ -384,14 +385,6 @@ def _notes(run: Iterator[str]) -> Iterator[TokenOut]:
         except StopIteration as done:
             return done.value
         yield TokenOut(note)
-
-
-def _words(text: str, cancel: threading.Event) -> Iterator[TokenOut]:
-    """Stream text word by word (with the following space), stopping as soon as `cancel` is set."""
-    for word in text.split(" "):
-        if cancel.is_set():
-            return
-        yield TokenOut(word + " ")
 
 
 ENGINE = BuiltinEngine

@@ -23,6 +23,7 @@ from medmllm.engines.base import (
     TokenOut,
     WarningOut,
 )
+from medmllm.engines.toolkit import flag, int_option, sampling_options
 from medmllm.geometry.m3d_grid import MODEL_SHAPE, M3DGrid
 from medmllm.geometry.volume import Volume, VolumeError
 from medmllm.grounding.base import BoxFound, SegFound
@@ -51,25 +52,6 @@ def load_demo_npy(path: str) -> Tuple[Volume, M3DGrid]:
     if not np.isfinite(voxels).all() or voxels.min() < 0 or voxels.max() > 1:
         raise EngineError(f"{path}: values must lie in [0, 1] (min-max normalised, as M3D expects)")
     return Volume.from_array(voxels, np.eye(4)), M3DGrid.from_identity()
-
-
-def _flag(value: Any) -> bool:
-    """Options arrive from the command line as strings: "false" / "0" / "no" must mean False."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("", "0", "false", "no", "off")
-    return bool(value)
-
-
-def _int_option(extra: Dict[str, Any], key: str, default: int, minimum: int) -> int:
-    """An integer engine option (strings from the command line), with a message naming it."""
-    value = extra.get(key, default)
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise EngineError(f"option {key} must be an integer, got {value!r}") from None
-    if number < minimum:
-        raise EngineError(f"option {key} must be >= {minimum}, got {number}")
-    return number
 
 
 @dataclass
@@ -104,12 +86,12 @@ class M3DEngine(Engine):
         extra = options.extra or {}
         self.max_len = self.config.context_length
         on_cuda = self.model.device.type == "cuda"
-        static = _flag(extra.get("static_cache", on_cuda))
-        self.static_len = min(self.max_len, _int_option(extra, "static_cache_len", STATIC_CACHE_LEN, 1))
-        compiled = {"mode": "reduce-overhead"} if on_cuda and _flag(extra.get("compile", True)) else None
+        static = flag(extra.get("static_cache", on_cuda))
+        self.static_len = min(self.max_len, int_option(extra, "static_cache_len", STATIC_CACHE_LEN, 1))
+        compiled = {"mode": "reduce-overhead"} if on_cuda and flag(extra.get("compile", True)) else None
         self.decoder = Decoder(self.model, static, compiled, self.static_len)
         self.dynamic = Decoder(self.model, False, None, self.max_len)
-        slots = _int_option(extra, "batch_slots", BATCH_SLOTS, 0)  # 0: no batched decoding
+        slots = int_option(extra, "batch_slots", BATCH_SLOTS, 0)  # 0: no batched decoding
         if slots:
             self._check_slot_memory(slots)
         # The scheduler thread runs every forward; batched steps compile like the batch-1 step.
@@ -119,7 +101,7 @@ class M3DEngine(Engine):
         if compiled and slots:
             self.scheduler.call(self.scheduler.warm_up)  # compile at start-up, not at a user's question
         self.window = extra.get("window")
-        self.max_volumes = _int_option(extra, "max_volumes", 4, 1)
+        self.max_volumes = int_option(extra, "max_volumes", 4, 1)
         self._volumes: OrderedDict[str, _VolumeState] = OrderedDict()
         self._lock = threading.Lock()  # guards the per-volume states, never held during a forward
 
@@ -245,20 +227,11 @@ class M3DEngine(Engine):
     def _settings(self, ctx: ChatContext) -> Tuple[int, float, float, Any]:
         import torch
 
-        extra = self.options.extra or {}
-        try:
-            max_new = int(extra.get("max_new_tokens", ctx.max_new_tokens))
-            temperature = float(extra.get("temperature", ctx.temperature))
-            top_p = float(extra.get("top_p", 0.9))
-            seed = int(extra["seed"]) if "seed" in extra else None
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"bad generation option: {exc}") from None
-        if max_new < 1 or not temperature >= 0 or not 0 < top_p <= 1:
-            raise EngineError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+        s = sampling_options(self.options.extra or {}, ctx)
         generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(seed)
-        return max_new, temperature, top_p, generator
+        if s.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(s.seed)
+        return s.max_new_tokens, s.temperature, s.top_p, generator
 
     def chat(self, ctx: ChatContext, cancel: threading.Event) -> Iterator[EngineEvent]:
         from medmllm.engines.m3d.batching import Request

@@ -42,10 +42,11 @@ from medmllm.engines.base import (
     WarningOut,
 )
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
+from medmllm.engines.toolkit import int_option, sampling_options, segmenter_option
 from medmllm.geometry.boxes import IJKBox
 from medmllm.geometry.slices import SliceImage, export_slice
 from medmllm.geometry.volume import Volume, VolumeError
-from medmllm.segmenters import DEFAULT_SEGMENTER, BoxSegmenter, SegmenterError, get_segmenter
+from medmllm.segmenters import BoxSegmenter, SegmenterError
 
 IMAGE_SLOT = "<ImageHere>"
 # conversation.py CONV_VISION_minigptv2: roles ("<s>[INST] ", " [/INST]"), sep "", system "";
@@ -87,13 +88,8 @@ class MiniGPTMedEngine(Engine):
         extra = options.extra or {}
         checkpoint, llama, eva, sizes = resolve_inputs(options.model, extra)
         self.config = MiniGPTMedConfig.from_value(sizes)
-        try:
-            self.max_slices = max(1, int(extra.get("max_slices", 8)))
-            self.segmenter: Optional[BoxSegmenter] = None
-            if str(extra.get("segmenter", DEFAULT_SEGMENTER)) != "none":
-                self.segmenter = get_segmenter(str(extra.get("segmenter", DEFAULT_SEGMENTER)))
-        except (TypeError, ValueError, SegmenterError) as exc:
-            raise EngineError(f"bad minigptmed option: {exc}") from exc
+        self.max_slices = int_option(extra, "max_slices", 8)
+        self.segmenter: Optional[BoxSegmenter] = segmenter_option(extra)
         self.loaded = load(checkpoint, llama, eva, self.config, options.device, options.dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -190,18 +186,9 @@ class MiniGPTMedEngine(Engine):
     def _settings(self, ctx: ChatContext) -> Tuple[int, float, float, Any]:
         import torch
 
-        extra = self.options.extra or {}
-        try:
-            max_new = int(extra.get("max_new_tokens", ctx.max_new_tokens))
-            temperature = float(extra.get("temperature", ctx.temperature))
-            top_p = float(extra.get("top_p", 0.9))
-            seed = int(extra["seed"]) if "seed" in extra else None
-        except (TypeError, ValueError) as exc:
-            raise EngineError(f"bad generation option: {exc}") from exc
-        if max_new < 1 or temperature < 0 or not 0 < top_p <= 1:
-            raise EngineError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
-        generator = None if seed is None else torch.Generator(device=self.model.device).manual_seed(seed)
-        return max_new, temperature, top_p, generator
+        s = sampling_options(self.options.extra or {}, ctx)
+        generator = None if s.seed is None else torch.Generator(device=self.model.device).manual_seed(s.seed)
+        return s.max_new_tokens, s.temperature, s.top_p, generator
 
     def _ids(self, ids: List[int]) -> Any:
         import torch
