@@ -49,9 +49,13 @@ class ImagePolicy:
     padded square's) size. `pad_square`: centre the slice on a black square first; box fractions
     then refer to the square and the engine takes the padding off. `ct_windows`: (centre, width)
     windows sent as the R, G, B channels of a CT when the user set no window (empty: one gray
-    channel in the viewer's window).
+    channel in the viewer's window). `description`: the same in words, for the docs' table.
     """
 
     size: Callable[[int, int], Size] = plain_image_size
     pad_square: bool = False
     ct_windows: Tuple[Window, ...] = ()
+    description: str = (
+        "native size (≤ 1024 long side), every side ≥ 28 px and aspect ≤ 50:1 (a slice seen edge-on is "
+        "stretched: Qwen-family servers refuse a ratio ≥ 200)"
+    )

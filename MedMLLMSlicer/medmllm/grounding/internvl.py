@@ -154,7 +154,9 @@ class InternVLDialect(Dialect):
     tasks = ("chat", "ground", "region", "report")
     special_markup = True
     models = ("medrega", "internvl")
-    image = ImagePolicy(fixed_size(448, 448))
+    image = ImagePolicy(
+        fixed_size(448, 448), description="448×448, plain bicubic resize (edge fractions survive it)"
+    )
     languages = ("en", "zh")
 
     def system_prompt(self, model: str) -> Optional[str]:

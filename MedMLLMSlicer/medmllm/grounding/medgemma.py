@@ -59,7 +59,14 @@ class MedGemmaDialect(Dialect):
     coordinate_range = "integers 0-1000 of the padded square image, order y0, x0, y1, x1"
     tasks = ("chat", "ground", "region", "report")
     models = ("medgemma",)
-    image = ImagePolicy(fixed_size(896, 896), pad_square=True, ct_windows=CT_WINDOWS)
+    image = ImagePolicy(
+        fixed_size(896, 896),
+        pad_square=True,
+        ct_windows=CT_WINDOWS,
+        description="padded to a centred black square, 896×896 (boxes are fractions of the square; the "
+        "padding is taken off, a box in it dropped); a CT with no window set goes as RGB of three HU "
+        "windows (W2250/L−100, W350/L40, W80/L40, Google-Health/medgemma#27)",
+    )
 
     def example_answer(
         self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None

@@ -57,7 +57,7 @@ class MiniGPTMedDialect(Dialect):
     coordinate_range = "integers 0-100 of the slice width and height, order x1, y1, x2, y2"
     tasks = ("chat", "ground", "region", "report")
     models = ("minigpt",)
-    image = ImagePolicy(fixed_size(448, 448))
+    image = ImagePolicy(fixed_size(448, 448), description="448×448, plain resize")
 
     def example_answer(
         self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None

@@ -68,7 +68,11 @@ class Qwen25VLDialect(Dialect):
     )
     tasks = ("chat", "ground", "region", "report")
     models = ("lingshu", "qwen2.5-vl", "qwen2_5_vl", "qwen2.5vl")
-    image = ImagePolicy(qwen_image_size)
+    image = ImagePolicy(
+        qwen_image_size,
+        description="aspect kept (up to 50:1), long side ≥ 448, sides multiples of 28, between 256·28² and "
+        "1280·28² pixels: Qwen's processor keeps such a size unchanged, so the pixels it answers in are ours",
+    )
 
     def example_answer(
         self, fractions: Sequence[float], label: str, image_size: Optional[ImageSize] = None
