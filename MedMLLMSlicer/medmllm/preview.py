@@ -21,6 +21,7 @@ NORMALS = {"axial": (0, 0, 1), "coronal": (0, 1, 0), "sagittal": (1, 0, 0)}
 FILL_ALPHA = 0.35
 PANEL_MIN_PX = 360  # each panel is scaled up to at least this on its longer side
 TITLE_PX = 24  # the panel title's band at the top
+MIN_FOCUS_COVER = 0.25  # the centroid slice must show this share of the masks' largest cross-section
 # (centre, width) in HU; chosen by words in the segment names, first match wins.
 CT_WINDOWS: Tuple[Tuple[Tuple[str, ...], str, Tuple[float, float]], ...] = (
     (("lung", "airway", "trachea", "bronch"), "lung window", (-600.0, 1500.0)),
@@ -77,15 +78,15 @@ def _focus(volume: Volume, boxes: List[Dict[str, Any]], masks: List[MaskOut]) ->
 
 
 def _slice_index(volume: Volume, axis: int, focus: np.ndarray, masks: List[MaskOut]) -> int:
-    """The focus slice; if the masks miss it (the sagittal midline between two lungs), the slice
-    along this axis where they cover the most."""
+    """The focus slice; if the masks barely cross it (the sagittal midline between two lungs), the
+    slice along this axis where they cover the most."""
     index = int(np.clip(round(float(focus[axis])), 0, volume.shape[2 - axis] - 1))
     present = [m.mask for m in masks if m.mask.any()]
     if not present:
         return index
     union = np.logical_or.reduce(present)
     area = union.sum(axis=tuple(a for a in range(3) if a != 2 - axis))
-    return index if area[index] > 0 else int(np.argmax(area))
+    return index if area[index] >= MIN_FOCUS_COVER * area.max() else int(np.argmax(area))
 
 
 def _panel(volume: Volume, orientation: str, focus, boxes, masks: List[MaskOut], window, window_name: str):
