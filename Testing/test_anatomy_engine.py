@@ -87,6 +87,7 @@ def test_done_when_questions_on_the_real_scan(serve, shared, crop, tmp_path, que
     (segment,) = segments
     assert segment.name == name and np.allclose(matrix, crop.ijk_to_ras)
     assert "SCT^" in segment.terminology and segment.terminology.count("~") == 6
+    assert mask["terminology"] == segment.terminology  # the event carries it to Slicer too
     assert dice(segment.mask, truth) >= 0.99
     voxel_ml = abs(np.linalg.det(crop.ijk_to_ras[:3, :3])) / 1000.0
     assert mask["volume_ml"] == pytest.approx(truth.sum() * voxel_ml, rel=0.01)

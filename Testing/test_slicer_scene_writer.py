@@ -118,6 +118,26 @@ def test_segments_take_slicer_terminology_or_keep_the_phrase(writer, fake_slicer
     assert [t[0] for t in tags] == labels, "the model's own phrase is kept"
 
 
+def test_terminology_sent_by_the_server_names_what_slicers_list_lacks(writer, fake_slicer):  # noqa: F811
+    _sw, _volume, conv = writer
+    voxels, ijk_to_ras = phantom_ct()
+    entry = (
+        "Segmentation category and type - DICOM master list~SCT^123037004^Anatomical Structure"
+        "~SCT^66794005^L1 vertebra~^^~Anatomic codes - DICOM master list~^^~^^"
+    )
+    l1 = _mask_event("L1 vertebra", voxels > 300, ijk_to_ras)
+    sent = dict(l1, terminology=entry, color=[0.9, 0.8, 0.7])
+    liver = dict(_mask_event("Liver", voxels > 300, ijk_to_ras), terminology=entry, color=[0.1, 0.5, 0.1])
+    broken = dict(_mask_event("odd", voxels > 300, ijk_to_ras), terminology="not~an~entry", color=[0, 0, 1])
+    items = [conv.add_mask(e) for e in (sent, liver, broken)]
+    segmentation = fake_slicer.mrmlScene.GetNodeByID(items[0].node_id).GetSegmentation()
+    first, second, third = (segmentation.GetSegment(i.segment_id) for i in items)
+    assert first.GetName() == "L1 vertebra" and _terminology(first) == entry
+    assert first.GetColor() == pytest.approx((0.9, 0.8, 0.7))
+    assert "~SCT^10200004^Liver~" in _terminology(second), "Slicer's own list wins where it knows the phrase"
+    assert _terminology(third) == ""
+
+
 def test_mask_on_another_grid_is_refused(writer, fake_slicer):  # noqa: F811
     sw, _volume, conv = writer
     voxels, ijk_to_ras = phantom_ct()

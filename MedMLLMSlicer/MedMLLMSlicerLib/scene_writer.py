@@ -234,7 +234,7 @@ class ConversationScene:
         target = self.segmentation()
         segmentation = target.GetSegmentation()
         count = segmentation.GetNumberOfSegments()
-        term = terminology.lookup(raw)
+        term = terminology.lookup(raw) or terminology.sent(raw, event.get("terminology"), event.get("color"))
         taken = {segmentation.GetNthSegment(i).GetName() for i in range(count)}
         name = _unique(term.name if term else raw, taken)
         color = term.color if term else terminology.fallback_color(count)

@@ -119,6 +119,16 @@ def lookup(label: str) -> Optional[Term]:
     return Term(name[:1].upper() + name[1:], tuple(c / 255.0 for c in kind.rgb), entry)
 
 
+def sent(name: str, entry: object, color: object) -> Optional[Term]:
+    """A terminology the server sent with a mask (TotalSegmentator's structures carry their SNOMED
+    CT codes), for phrases Slicer's own list lacks; None unless entry and colour are well formed."""
+    if not isinstance(entry, str) or entry.count("~") != 6:
+        return None
+    if not (isinstance(color, (list, tuple)) and len(color) == 3):
+        return None
+    return Term(name, tuple(float(c) for c in color), entry)  # type: ignore[arg-type]
+
+
 def fallback_color(index: int) -> Tuple[float, float, float]:
     """A saturated colour for the `index`-th segment of unknown meaning, unlike its neighbours."""
     return colorsys.hsv_to_rgb((0.11 + index * GOLDEN) % 1.0, 0.75, 0.95)

@@ -254,6 +254,7 @@ class ResultWriter:
             "volume_ml": count * voxel_ml,
             "bbox": box_json(_box_from_voxels(bounds), self.volume.ijk_to_ras) if bounds else None,
             "stats": _jsonable(event.stats),
+            "terminology": event.terminology,
             "segment": index,
             "url": self._file_url(SEGMENTATION_FILE),
         }
