@@ -7,8 +7,9 @@ building the same tree from the same blocks gives the checkpoints' tensor names 
 (`patch_embedding.patch_embeddings.1`, `blocks.N.attn.qkv`, `blocks.N.mlp.linear1`, ...).
 
 Not `nets.ViT` itself: with `classification=True` it adds a head the checkpoint lacks (and returns
-its logits), and its blocks take MONAI's einsum attention, 8x slower on CPU than the
-`scaled_dot_product_attention` path chosen here, whose output is bit-identical (docs/m3d-lamed.md).
+its logits), and its blocks take MONAI's einsum attention, 4x (full size) to 8x (tiny) slower on
+CPU than the `scaled_dot_product_attention` path chosen here, which gives the same output to float
+rounding (docs/m3d-lamed.md).
 """
 
 from __future__ import annotations
