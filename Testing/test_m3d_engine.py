@@ -68,7 +68,7 @@ def reference_greedy(engine, volume: Volume, question: str, steps: int) -> List[
     with torch.no_grad():
         features = model.image_features(model.image_tensor(image))
         embeds = torch.cat(
-            [model.prefix_embeds(loaded.bos_id, features), model.embed(torch.tensor([ids[257:]]))], 1
+            [model.prefix_embeds(loaded.prefix_id, features), model.embed(torch.tensor([ids[257:]]))], 1
         )
         out: List[int] = []
         for _ in range(steps):
@@ -80,12 +80,15 @@ def reference_greedy(engine, volume: Volume, question: str, steps: int) -> List[
     return out
 
 
-def test_prompt_layout_bos_then_256_patches_then_question(engine):
+def test_prompt_layout_is_the_official_tokenizer_call(engine):
+    # Phi-3's tokenizer adds no BOS: tokenizer("<im_patch>" * 256 + question) starts with <im_patch>,
+    # positions 1..256 become the image, and the question's first token (at 256) is overwritten too
     ids = engine.prompt_ids("Where is the liver?")
     tok = engine.loaded.tokenizer
-    assert ids[0] == engine.loaded.bos_id
-    assert ids[1:257] == [tok.convert_tokens_to_ids("<im_patch>")] * 256
-    assert tok.decode(ids[257:]) == "Where is the liver?"
+    patch = tok.convert_tokens_to_ids("<im_patch>")
+    assert ids == tok("<im_patch>" * 256 + "Where is the liver?")["input_ids"]
+    assert engine.loaded.prefix_id == patch and ids[:256] == [patch] * 256
+    assert tok.decode(ids[256:]) == "Where is the liver?"
 
 
 def test_image_features_sit_at_positions_1_to_256(engine):
@@ -93,11 +96,11 @@ def test_image_features_sit_at_positions_1_to_256(engine):
     image = torch.rand(32, 256, 256)
     with torch.no_grad():
         features = model.image_features(model.image_tensor(image))
-        prefix = model.prefix_embeds(engine.loaded.bos_id, features)
-        bos = model.embed(torch.tensor([[engine.loaded.bos_id]]))
+        prefix = model.prefix_embeds(engine.loaded.prefix_id, features)
+        first = model.embed(torch.tensor([[engine.loaded.prefix_id]]))
     assert features.shape == (1, 256, 64)
     assert prefix.shape == (1, 257, 64)
-    assert torch.equal(prefix[:, 0], bos[:, 0]) and torch.equal(prefix[:, 1:], features)
+    assert torch.equal(prefix[:, 0], first[:, 0]) and torch.equal(prefix[:, 1:], features)
 
 
 def test_greedy_matches_full_recompute_and_transformers_generate(engine):
@@ -110,7 +113,7 @@ def test_greedy_matches_full_recompute_and_transformers_generate(engine):
     image, _ = engine_module.M3DGrid.prepare(volume)
     ids = engine.prompt_ids(question)
     with torch.no_grad():
-        prefix = model.prefix_embeds(engine.loaded.bos_id, model.image_features(model.image_tensor(image)))
+        prefix = model.prefix_embeds(engine.loaded.prefix_id, model.image_features(model.image_tensor(image)))
         embeds = torch.cat([prefix, model.embed(torch.tensor([ids[257:]]))], 1)
         generated = model.lm.generate(
             inputs_embeds=embeds,
@@ -226,7 +229,7 @@ def test_mask_uses_the_hidden_state_that_predicted_seg(engine, monkeypatch):
         tensor = model.image_tensor(image)
         embeds = torch.cat(
             [
-                model.prefix_embeds(engine.loaded.bos_id, model.image_features(tensor)),
+                model.prefix_embeds(engine.loaded.prefix_id, model.image_features(tensor)),
                 model.embed(torch.tensor([ids])),
             ],
             1,

@@ -60,7 +60,11 @@ def test_every_layout_loads_the_same_tensors(tiny_variants, family, layout):
     for name, tensor in source.items():
         assert torch.equal(state[name], tensor), name
     assert loaded.tokenizer.convert_ids_to_tokens(loaded.im_patch_id) == "<im_patch>"
-    assert loaded.bos_id == 1 and 2 in loaded.eos_ids
+    # Llama-2's tokenizer adds BOS (1) to every prompt, Phi-3's starts it with <im_patch> itself
+    assert loaded.prefix_id == (1 if family == "llama" else loaded.im_patch_id)
+    assert loaded.eos_ids == (
+        (2,) if family == "llama" else (loaded.im_patch_id - 11, loaded.im_patch_id - 4)
+    )
 
 
 def test_sharded_index_lists_two_files(tiny_variants):
@@ -140,9 +144,9 @@ def test_checkpoint_of_another_model(tmp_path):
 
 def test_tokenizer_without_seg_token(tiny_variants, tmp_path):
     folder = _copy(tiny_variants[("phi3", "single")], tmp_path)
-    data = json.loads((folder / "tokenizer.json").read_text())
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[SEG]"]
-    (folder / "tokenizer.json").write_text(json.dumps(data))
+    added = json.loads((folder / "added_tokens.json").read_text())
+    del added["[SEG]"]
+    (folder / "added_tokens.json").write_text(json.dumps(added))
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["added_tokens_decoder"] = {
         k: v for k, v in config["added_tokens_decoder"].items() if v["content"] != "[SEG]"
@@ -191,3 +195,20 @@ def test_llama_checkpoint_answers_through_the_engine(tiny_variants):
 def test_config_keeps_llama_vocab(tiny_variants):
     cfg = LamedConfig.from_folder(str(tiny_variants[("llama", "bin")]))
     assert cfg.family == "llama" and cfg.seg_token_id == cfg.vocab_size - 1
+
+
+def test_tiny_checkpoints_have_exactly_the_official_file_set(tiny_variants):
+    tokenizer = set(_maker().TOKENIZER_FILES)
+    shards = {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert {p.name for p in tiny_variants[("phi3", "sharded")].iterdir()} == {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors.index.json",
+        *shards,
+        *tokenizer,
+    }
+    assert {p.name for p in tiny_variants[("llama", "bin")].iterdir()} == {
+        "config.json",
+        "pytorch_model.bin",
+        *tokenizer,
+    }

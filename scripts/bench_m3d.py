@@ -154,7 +154,7 @@ def bench_generate(engine: Any, volume: Any, tokens: int, concurrent: int, repea
 
     def embeds() -> Any:
         image, _ = M3DGrid.prepare(volume)
-        prefix = model.prefix_embeds(loaded.bos_id, model.image_features(model.image_tensor(image)))
+        prefix = model.prefix_embeds(loaded.prefix_id, model.image_features(model.image_tensor(image)))
         return torch.cat([prefix, model.embed(torch.tensor([ids[257:]], device=model.device))], 1)
 
     def generate(batch: int, n: int) -> None:

@@ -3,9 +3,12 @@
 
 Same config keys (model_type lamed_phi3 / lamed_llama), same tensor names, same file layout
 (single safetensors, sharded safetensors + model.safetensors.index.json, or pytorch_model.bin)
-and a tokenizer with the official extra tokens (<im_patch>, <bx_start>, <bx_end> special, [SEG]
-normal, added in that order like LaMed's train.py); only the widths and depths are small. The image
-geometry stays the real 32x256x256 with 4x16x16 patches.
+and the official tokenizer file set: a SentencePiece `tokenizer.model` trained here plus
+tokenizer_config.json, special_tokens_map.json and added_tokens.json, no tokenizer.json (Phi-3's
+added tokens, then <im_patch>, <bx_start>, <bx_end> special and [SEG] normal, in that order like
+LaMed's train.py). Only the vocabulary, widths and depths are small; the image geometry stays the
+real 32x256x256 with 4x16x16 patches. The remote-code files of the release
+(configuration_m3d_lamed.py, modeling_m3d_lamed.py) are not written: the engine never runs them.
 
     python scripts/make_tiny_m3d.py OUT_DIR [--family phi3|llama] [--layout single|sharded|bin] [--seed N]
 """
@@ -48,78 +51,120 @@ TINY = {
 }
 
 
-def build_tokenizer(folder: str) -> Any:
-    """Byte-level BPE (multi-byte characters split across tokens, like Llama's byte fallback)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+# Phi-3-mini's added tokens (ids 32000..32010 after its 32000 SentencePiece pieces), then LaMed's.
+PHI3_ADDED = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|placeholder3|>"]
+PHI3_ADDED += [
+    "<|placeholder4|>",
+    "<|system|>",
+    "<|end|>",
+    "<|placeholder5|>",
+    "<|placeholder6|>",
+    "<|user|>",
+]
+LAMED_SPECIAL = ["<im_patch>", "<bx_start>", "<bx_end>"]
+# The files a slow LlamaTokenizer.save_pretrained writes, as in the official release (no tokenizer.json).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+
+def train_sentencepiece() -> bytes:
+    """A Llama-style SentencePiece BPE model (byte fallback, split digits, <unk> <s> </s> = 0 1 2)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4),
+        model_writer=model,
         vocab_size=400,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        num_threads=1,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        hard_vocab_limit=False,
+        minloglevel=2,
     )
-    tok.train_from_iterator(SENTENCES, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=512
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<im_patch>", "<bx_start>", "<bx_end>"]})
-    fast.add_tokens("[SEG]")
-    fast.save_pretrained(folder)
-    write_tokenizer_json(folder, fast)
-    return fast
+    return model.getvalue()
 
 
-def write_tokenizer_json(folder: str, fast: Any) -> None:
-    """tokenizer_config.json / special_tokens_map.json as transformers 4.4x wrote them for LaMed."""
-    specials = ["<im_patch>", "<bx_start>", "<bx_end>"]
-    decoder = {
-        str(fast.convert_tokens_to_ids(t)): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": t != "[SEG]",
-        }
-        for t in ["<unk>", "<s>", "</s>", *specials, "[SEG]"]
+def _added(content: str, special: bool, rstrip: bool = False) -> Dict[str, Any]:
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": not special,
+        "rstrip": rstrip,
+        "single_word": False,
+        "special": special,
     }
+
+
+def build_tokenizer(folder: str, family: str) -> Dict[str, int]:
+    """Write the official tokenizer file set; returns token -> id of the added tokens.
+
+    Layout of the released checkpoints (issue 10: `tokenizer.model` + small JSON files, no
+    `tokenizer.json`), i.e. what LaMed's train.py saves with a slow LlamaTokenizer
+    (`use_fast=False`) after `add_special_tokens` of <im_patch> <bx_start> <bx_end> and
+    `add_tokens("[SEG]")`. Phi-3's tokenizer_config keeps `add_bos_token: false`, `legacy: false`
+    and eos `<|endoftext|>` (Phi-3-mini tokenizer_config.json); Llama-2's adds BOS.
+    """
+    import sentencepiece as spm
+
+    proto = train_sentencepiece()
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(proto)
+    size = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
+    base = PHI3_ADDED if family == "phi3" else []
+    names = [*base, *LAMED_SPECIAL, "[SEG]"]
+    ids = {name: size + i for i, name in enumerate(names)}
+    decoder = {"0": _added("<unk>", True), "1": _added("<s>", True), "2": _added("</s>", family != "phi3")}
+    decoder.update({str(ids[t]): _added(t, True, rstrip=t != "<|endoftext|>") for t in base})
+    decoder.update({str(ids[t]): _added(t, True) for t in LAMED_SPECIAL})
+    decoder[str(ids["[SEG]"])] = _added("[SEG]", False)
+    eos = "<|endoftext|>" if family == "phi3" else "</s>"
+    pad = "<|endoftext|>" if family == "phi3" else "<unk>"
     config = {
-        "add_bos_token": True,
+        "add_bos_token": family != "phi3",
         "add_eos_token": False,
         "added_tokens_decoder": decoder,
-        "additional_special_tokens": specials,
+        "additional_special_tokens": LAMED_SPECIAL,
         "bos_token": "<s>",
         "clean_up_tokenization_spaces": False,
-        "eos_token": "</s>",
+        "eos_token": eos,
+        "legacy": False,
         "model_max_length": 512,
-        "pad_token": "</s>",
+        "pad_token": pad,
         "padding_side": "right",
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
         "unk_token": "<unk>",
+        "use_default_system_prompt": False,
     }
-    special_map = {
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": "</s>",
-        "additional_special_tokens": specials,
-    }
-    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special_map)):
+    special_map = {"additional_special_tokens": LAMED_SPECIAL, "bos_token": "<s>", "eos_token": eos}
+    special_map.update({"pad_token": pad, "unk_token": "<unk>"})
+    for name, data in (
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", special_map),
+        ("added_tokens.json", ids),
+    ):
         with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+            json.dump(data, f, indent=2, ensure_ascii=False)
+    return ids
 
 
-def official_config(family: str, vocab_size: int, seg_token_id: int) -> Dict[str, Any]:
+def official_config(family: str, vocab_size: int, seg_token_id: int, eos: int = 2) -> Dict[str, Any]:
+    """config.json keys of the release; `eos` is Phi-3's <|endoftext|> id (32000 there), else </s>."""
     common = {
         "vocab_size": vocab_size,
         "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 2,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "max_position_embeddings": 1024,
@@ -218,10 +263,15 @@ def make_tiny(folder: str, family: str = "phi3", layout: str = "single", seed: i
     from medmllm.engines.m3d.model import LamedModel
 
     os.makedirs(folder, exist_ok=True)
-    tok = build_tokenizer(folder)
-    data = official_config(family, len(tok), tok.convert_tokens_to_ids("[SEG]"))
+    added = build_tokenizer(folder, family)
+    eos = added.get("<|endoftext|>", 2)
+    data = official_config(family, added["[SEG]"] + 1, added["[SEG]"], eos)
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
+    if family == "phi3":  # Phi-3 ends a turn with <|end|>, named only here
+        generation = {"bos_token_id": 1, "eos_token_id": [data["eos_token_id"], added["<|end|>"]]}
+        with open(os.path.join(folder, "generation_config.json"), "w", encoding="utf-8") as f:
+            json.dump({**generation, "transformers_version": "4.45.0"}, f, indent=2)
     torch.manual_seed(seed)
     model = LamedModel(LamedConfig.from_dict(data))
     torch.manual_seed(seed)  # the LM's draws must not depend on how many the vision blocks' init took

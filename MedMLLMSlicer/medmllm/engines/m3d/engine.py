@@ -62,6 +62,25 @@ class _VolumeState:
     seg_embedding: Any = None  # SegVol image embedding, computed at the first [SEG]
 
 
+def prompt_ids(loaded: Loaded, text: str, n: int) -> List[int]:
+    """Token ids exactly as the official pipeline makes them: `tokenizer("<im_patch>" * 256 +
+    question)`, nothing added (`text` is that string). The model overwrites positions 1..n with the
+    image and keeps whatever the tokenizer put at 0: BOS where it adds one (Llama-2), else an
+    <im_patch> (Phi-3), and then the question's first token, at n, is overwritten too, as in
+    training (LaMed lamed_arch.py `prepare_inputs_for_multimodal`). Checked: that layout, and no
+    <im_patch> in the question."""
+    patch = loaded.im_patch_id
+    ids = list(loaded.tokenizer(text)["input_ids"])
+    if ids[:1] != [loaded.prefix_id] or ids[1:n] != [patch] * (n - 1) or patch in ids[n + 1 :]:
+        raise EngineError(
+            "the tokenizer did not turn the prompt into its first token + 256 <im_patch> tokens "
+            "+ the question; wrong tokenizer, or <im_patch> in the question?"
+        )
+    if len(ids) <= n + 1:
+        raise EngineError("the question is empty")
+    return ids
+
+
 class M3DEngine(Engine):
     """M3D-LaMed (Phi-3-4B or Llama-2-7B) from the official checkpoint folder, loaded by our own code."""
 
@@ -174,7 +193,7 @@ class M3DEngine(Engine):
 
         with torch.no_grad():
             tensor = self.model.image_tensor(image)
-            prefix = self.model.prefix_embeds(self.loaded.bos_id, self.model.image_features(tensor))
+            prefix = self.model.prefix_embeds(self.loaded.prefix_id, self.model.image_features(tensor))
             return _VolumeState(tensor, grid, self.dynamic.prefix_cache(prefix))
 
     def _model_input(self, volume: Volume, grid: Optional[M3DGrid]) -> Tuple[np.ndarray, M3DGrid]:
@@ -196,18 +215,7 @@ class M3DEngine(Engine):
     # ---- one question -----------------------------------------------------------------------
 
     def prompt_ids(self, question: str) -> List[int]:
-        """Token ids of the official prompt, checked: BOS at 0, the 256 <im_patch> at 1..256."""
-        n = self.config.num_image_tokens
-        ids = list(self.loaded.tokenizer(self.dialect.image_prompt(question))["input_ids"])
-        if not ids or ids[0] != self.loaded.bos_id:
-            ids = [self.loaded.bos_id, *ids]
-        if ids[1 : n + 1] != [self.loaded.im_patch_id] * n:
-            raise EngineError(
-                "the tokenizer did not turn the prompt into BOS + 256 <im_patch> tokens; wrong tokenizer?"
-            )
-        if len(ids) == n + 1:
-            raise EngineError("the question is empty")
-        return ids
+        return prompt_ids(self.loaded, self.dialect.image_prompt(question), self.config.num_image_tokens)
 
     def question_text(self, ctx: ChatContext, state: _VolumeState) -> str:
         """The last user turn (M3D is single-turn), with a user ROI written as the official box text."""

@@ -31,7 +31,7 @@ class Loaded:
     tokenizer: Any
     config: LamedConfig
     im_patch_id: int
-    bos_id: int
+    prefix_id: int  # the token every prompt starts with: BOS if the tokenizer adds one, else <im_patch>
     eos_ids: Tuple[int, ...]
 
 
@@ -167,7 +167,13 @@ def _iter_tensors(files: List[str]) -> Iterator[Tuple[str, Any]]:
 
 
 def load_tokenizer(folder: str, config: LamedConfig) -> Tuple[Any, int, int, Tuple[int, ...]]:
-    """Tokenizer plus (im_patch id, bos id, eos ids), checked against the config's [SEG] id and vocabulary."""
+    """Tokenizer plus (im_patch id, prefix id, eos ids), checked against the config's [SEG] id and vocabulary.
+
+    The official release ships a SentencePiece `tokenizer.model` with small JSON files and no
+    `tokenizer.json`: transformers builds the tokenizer from `tokenizer_config.json`
+    (`LlamaTokenizer`), reading the model with sentencepiece and protobuf (both in the `engines`
+    extra). A folder with a `tokenizer.json` is read as is.
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
@@ -176,7 +182,8 @@ def load_tokenizer(folder: str, config: LamedConfig) -> Tuple[Any, int, int, Tup
         else:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError/ValueError/ImportError for missing pieces
-        raise EngineError(f"cannot load the tokenizer from {folder}: {exc}") from exc
+        hint = " (pip install 'medmllm[engines]')" if isinstance(exc, ImportError) else ""
+        raise EngineError(f"cannot load the tokenizer from {folder}: {exc}{hint}") from exc
     vocab = tok.get_vocab()
     for token in (*SPECIAL_TOKENS, SEG_TOKEN):
         if token not in vocab:
@@ -191,13 +198,11 @@ def load_tokenizer(folder: str, config: LamedConfig) -> Tuple[Any, int, int, Tup
         raise EngineError(
             f"tokenizer has {len(tok)} tokens but the model only {config.vocab_size} embeddings"
         )
-    bos = tok.bos_token_id if tok.bos_token_id is not None else config.text.get("bos_token_id")
-    if bos is None:
-        raise EngineError("neither the tokenizer nor config.json names a BOS token")
     eos = {tok.eos_token_id, *_as_list(config.text.get("eos_token_id")), *_generation_eos(folder)} - {None}
     if not eos:
         raise EngineError("neither the tokenizer nor config.json names an EOS token")
-    return tok, vocab["<im_patch>"], int(bos), tuple(sorted(int(e) for e in eos))
+    prefix = tok(SPECIAL_TOKENS[0])["input_ids"][0]  # BOS only where the tokenizer adds it, as in training
+    return tok, vocab["<im_patch>"], int(prefix), tuple(sorted(int(e) for e in eos))
 
 
 def _generation_eos(folder: str) -> List[Any]:
@@ -219,14 +224,18 @@ def _as_list(value: Any) -> List[Any]:
 def load(folder: str, device: Optional[str] = None, dtype: Optional[str] = None) -> Loaded:
     """Validate everything (config, tokenizer, names, shapes, memory), then build and fill the model."""
     import torch
-    from transformers.initialization import no_init_weights
+
+    try:  # transformers 5; 4.x has it in modeling_utils
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
 
     from medmllm.engines.m3d.model import LamedModel
 
     if not os.path.isdir(folder):
         raise EngineError(f"model folder {folder!r} does not exist")
     config = LamedConfig.from_folder(folder)
-    tok, im_patch, bos, eos = load_tokenizer(folder, config)
+    tok, im_patch, prefix, eos = load_tokenizer(folder, config)
     files = weight_files(folder)
     found = checkpoint_shapes(files)
     expected, params = expected_shapes(config)
@@ -252,4 +261,4 @@ def load(folder: str, device: Optional[str] = None, dtype: Optional[str] = None)
     if tied:
         model.lm.tie_weights()
     model.eval().requires_grad_(False)
-    return Loaded(model, tok, config, im_patch, bos, eos)
+    return Loaded(model, tok, config, im_patch, prefix, eos)

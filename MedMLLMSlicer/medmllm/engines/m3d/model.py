@@ -7,6 +7,7 @@ the official tensor names, and the checkpoint loads with a plain strict name/sha
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import torch
@@ -16,6 +17,12 @@ from medmllm.engines.m3d.config import LamedConfig
 from medmllm.engines.m3d.projector import SpatialPoolingProjector
 from medmllm.engines.m3d.segvol import SegVol
 from medmllm.engines.m3d.vit3d import VisionTower, ViT3D
+
+
+def _cache_argument(module: nn.Module) -> str:
+    """transformers 5 names the KV cache `cache` (`past_key_values` is deprecated there), 4.x only
+    knows `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 class LamedModel(nn.Module):
@@ -88,10 +95,11 @@ class LamedModel(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.inner.embed_tokens(ids)
 
-    def prefix_embeds(self, bos_id: int, features: torch.Tensor) -> torch.Tensor:
-        """BOS embedding followed by the image features: the per-volume prompt prefix."""
-        bos = self.embed(torch.tensor([[bos_id]], device=self.device))
-        return torch.cat([bos, features.to(bos.dtype)], dim=1)
+    def prefix_embeds(self, first_id: int, features: torch.Tensor) -> torch.Tensor:
+        """The prompt's first token (see `Loaded.prefix_id`) followed by the image features: the
+        per-volume prompt prefix."""
+        first = self.embed(torch.tensor([[first_id]], device=self.device))
+        return torch.cat([first, features.to(first.dtype)], dim=1)
 
     def run(
         self,
@@ -108,9 +116,9 @@ class LamedModel(nn.Module):
         out = self.inner(
             inputs_embeds=embeds,
             attention_mask=mask,
-            past_key_values=cache,
             position_ids=positions,
             use_cache=cache is not None,
+            **{_cache_argument(self.inner): cache},
         )
         return out.last_hidden_state
 

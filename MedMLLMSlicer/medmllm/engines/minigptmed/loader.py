@@ -278,7 +278,8 @@ def load_tokenizer(folder: str, llama_config: Any) -> Tuple[Any, int, Tuple[int,
         else:
             tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # missing tokenizer.model / sentencepiece etc.
-        raise EngineError(f"cannot load the LLaMA tokenizer from {folder}: {exc}") from exc
+        hint = " (pip install 'medmllm[engines]')" if isinstance(exc, ImportError) else ""
+        raise EngineError(f"cannot load the LLaMA tokenizer from {folder}: {exc}{hint}") from exc
     bos = tok.bos_token_id if tok.bos_token_id is not None else llama_config.bos_token_id
     if bos is None or tok("<s>", add_special_tokens=False)["input_ids"] != [bos]:
         raise EngineError(
