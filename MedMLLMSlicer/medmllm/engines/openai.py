@@ -178,7 +178,7 @@ def _sdk() -> Any:
     try:
         import openai
     except ImportError as exc:
-        raise EngineError("engine 'openai' needs the openai package: pip install 'openai>=1.30'") from exc
+        raise EngineError("engine 'openai' needs the openai package: pip install 'openai>=1.55.3'") from exc
     return openai
 
 
