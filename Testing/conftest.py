@@ -207,7 +207,8 @@ def tiny_m3d() -> str:
     """A tiny random M3D-LaMed-Phi-3 checkpoint in the official format, written once per test run."""
     folder = ROOT / "Testing" / ".tiny" / "m3d-phi3-single"
     shutil.rmtree(folder, ignore_errors=True)
-    # Seed 3: with the SentencePiece tokenizer its greedy report is lively and six different
-    # conversations answer differently (test_m3d_engine / test_m3d_batching rely on both, so that a
-    # broken KV cache or mixed-up batch rows cannot pass by repetition).
-    return load_script("make_tiny_m3d").make_tiny(str(folder), "phi3", "single", seed=3)
+    # Seed 7: with the SentencePiece tokenizer its greedy report is lively (8 distinct tokens in 24)
+    # and valid UTF-8, and six different conversations answer differently (seeds 0-6 fail one of
+    # these); test_m3d_engine / test_m3d_batching rely on them, so that a broken KV cache or mixed-up
+    # batch rows cannot pass by repetition.
+    return load_script("make_tiny_m3d").make_tiny(str(folder), "phi3", "single", seed=7)
