@@ -64,7 +64,8 @@ def _vessels(hu_c: np.ndarray, dense: np.ndarray, spacing_kji) -> np.ndarray:
     labels, sizes = grid.components(depth >= VESSEL_DEPTH_MM)
     if sizes.size < 2:
         return np.zeros_like(dense)
-    medians = np.asarray(ndimage.median(hu_c, labels, np.arange(1, sizes.size)))
+    inside = labels > 0  # the median sorts its input: labelled voxels only
+    medians = np.asarray(ndimage.median(hu_c[inside], labels[inside], np.arange(1, sizes.size)))
     ml = sizes[1:] * float(np.prod(spacing_kji)) / 1000.0
     blood = (medians >= VESSEL_CORE_HU[0]) | (ml >= ORGAN_CORE_ML)
     lumen = np.concatenate([[False], blood & (medians <= VESSEL_CORE_HU[1]) & (ml >= MIN_CORE_ML)])

@@ -36,9 +36,10 @@ def lung_regions(hu_c: np.ndarray, candidates: np.ndarray, spacing_kji) -> np.nd
     big = big[big > 0]
     if big.size == 0:
         return np.zeros_like(candidates)
-    medians = np.asarray(ndimage.median(hu_c, labels, big))
+    inside = labels > 0  # per-label statistics on the labelled voxels only (they sort their input)
+    medians = np.asarray(ndimage.median(hu_c[inside], labels[inside], big))
     depth = ndimage.distance_transform_edt(aerated, sampling=spacing_kji)
-    depths = np.asarray(ndimage.maximum(depth, labels, big))
+    depths = np.asarray(ndimage.maximum(depth[inside], labels[inside], big))
     keep = np.zeros(sizes.size, bool)
     keep[big[(medians > GAS_MEDIAN_HU) & (medians < SEAM_MEDIAN_HU) & (depths >= MIN_DEPTH_MM)]] = True
     return keep[labels]
