@@ -170,14 +170,15 @@ def bench_codec(ct: np.ndarray) -> None:
 
 
 def bench_tools(ct: np.ndarray, matrix: np.ndarray) -> None:
-    from medmllm.engines.base import ChatContext, ChatTurn
+    from medmllm.engines.base import ChatContext, ChatTurn, EngineOptions
     from medmllm.engines.registry import create_engine, engine_names
     from medmllm.geometry.volume import Volume
 
     if "builtin" not in engine_names():
         print("builtin engine: not available")
         return
-    engine = create_engine("builtin", None)
+    # the classical tools: TotalSegmentator (the anatomy extra) would otherwise take named organs
+    engine = create_engine("builtin", EngineOptions(extra={"anatomy": "off"}))
     volume = Volume.from_array(ct, matrix)
     t = time.perf_counter()
     engine.prepare(volume, "bench")
