@@ -33,6 +33,8 @@ QUESTIONS = [
     ("heart and aorta", "total", ["Heart", "Aorta"]),
     ("what is the weather", "total", []),
     ("左心耳", "total", ["Left auricular appendage"]),
+    ("upper lobe of the left lung", "total", ["Left upper lobe of lung"]),
+    ("左肺上叶", "total", ["Left upper lobe of lung"]),
 ]
 
 

@@ -36,6 +36,8 @@ def _phrases(task: str) -> Tuple[_Phrase, ...]:
             else:
                 found += [(f"{side} {text}", entry, side), (f"{text} {side}", entry, side)]
                 found.append((f"{text}, {side}", entry, side))
+                if entry.key.startswith("lung_"):  # "upper lobe of the left lung"
+                    found += [(f"{text} of{the} {side} lung", entry, side) for the in (" the", "")]
     return tuple(sorted(found, key=lambda p: len(p[0]), reverse=True))
 
 
