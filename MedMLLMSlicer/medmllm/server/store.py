@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import shutil
 import stat
@@ -25,6 +26,8 @@ from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Deque, Dict, List, Optional, Union
 
+import numpy as np
+
 from medmllm.atomic import replace_durably
 from medmllm.protocol import UPLOAD_ENCODING, is_volume_id
 
@@ -32,6 +35,9 @@ log = logging.getLogger("medmllm.server")
 
 #: Bytes of one upload received but not yet on disk; past this the receiver waits for the spool.
 MAX_PENDING_BYTES = 8 << 20
+#: The spool starts flushing to the disk (in the background) each time this much more is written,
+#: so the fsync before the 201 has little left to do (157 MB: 0.05 s left instead of 0.18 s).
+FLUSH_BEHIND_BYTES = 16 << 20
 #: Inflated gzip output is produced (and bounded) in pieces of this size.
 INFLATE_PIECE_BYTES = 1 << 20
 #: Uploads received at once; one more gets 503 with Retry-After.
@@ -72,8 +78,9 @@ class _Spool:
     writes release the GIL). `put` blocks while more than MAX_PENDING_BYTES wait for the disk, so
     memory per upload stays bounded however fast the client sends. Once the last byte is written
     the digest is ready (`sha256`) while the thread fsyncs the file (`finish` waits for that), so
-    reading the verified file back overlaps the fsync. A write error (a full disk) surfaces at the
-    next `put`, at `sha256` or at `finish`."""
+    reading the verified file back overlaps the fsync; and while the body arrives, what is written
+    is flushed to the disk behind it (`_flush_behind`), so that fsync has little left. A write
+    error (a full disk) surfaces at the next `put`, at `sha256` or at `finish`."""
 
     def __init__(self, tmp_dir: Path, prefix: str, store: VolumeStore) -> None:
         try:
@@ -90,6 +97,8 @@ class _Spool:
         self._hash = hashlib.sha256()
         self._written = threading.Event()
         self._abandoned = False  # discarded: no point in fsyncing
+        self._unflushed = 0
+        self._flusher: Optional[threading.Thread] = None
         self._thread = threading.Thread(target=self._run, name="upload-spool", daemon=True)
         self._thread.start()
 
@@ -153,6 +162,9 @@ class _Spool:
             if self._error is None:
                 try:
                     self._file.write(chunk)
+                    self._unflushed += len(chunk)
+                    if self._unflushed >= FLUSH_BEHIND_BYTES:
+                        self._flush_behind()
                 except OSError as exc:
                     self._error = exc
             self._done(chunk)
@@ -163,12 +175,33 @@ class _Spool:
         except OSError as exc:
             self._error = exc
         self._written.set()
+        if self._flusher is not None:
+            self._flusher.join()
         try:
             if self._error is None and not self._abandoned:
                 os.fsync(self._file.fileno())
             self._file.close()
         except OSError as exc:
             self._error = self._error or exc
+
+    def _flush_behind(self) -> None:
+        """Start writing what is written so far to the disk in the background (one flush at a time)."""
+        if self._flusher is not None and self._flusher.is_alive():
+            return
+        self._file.flush()
+        self._unflushed = 0
+        self._flusher = threading.Thread(target=self._sync_data, name="upload-flush", daemon=True)
+        self._flusher.start()
+
+    def _sync_data(self) -> None:
+        try:
+            _fdatasync(self._file.fileno())
+        except OSError as exc:
+            self._error = self._error or exc
+
+
+#: fdatasync skips metadata a later fsync writes anyway; macOS has only fsync.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 
 class Upload:
@@ -253,7 +286,10 @@ class Upload:
                 raise StoreError(
                     400, f"upload corrupted: its sha256 is {digest}, not the volume id in the URL"
                 )
-            volume = _decode_stored(self._spool.path.read_bytes(), self.store.max_volume_bytes)
+            data = _read_regular(self._spool.path)
+            if data is None:
+                raise _disk_error(OSError(errno.ENOENT, "the spooled upload vanished"))
+            volume = _decode_stored(data, self.store.max_volume_bytes)
             self._spool.finish()
             self.store.keep(self._spool.path, self.volume_id, volume)
             return volume
@@ -271,7 +307,7 @@ class Upload:
             self.store.release_upload()
 
 
-def _decode_stored(data: bytes, max_bytes: int):
+def _decode_stored(data: Union[bytes, np.ndarray], max_bytes: int):
     try:
         return _decode_volume(data, max_bytes)
     except ValueError as exc:
@@ -428,8 +464,8 @@ def _stat_all(paths) -> List[tuple]:
     return found
 
 
-def _read_regular(path: Path) -> Optional[bytes]:
-    """The bytes of a regular file, never through a symbolic link; None if it is not there."""
+def _read_regular(path: Path) -> Optional[Union[bytes, np.ndarray]]:
+    """The bytes of a regular file (uint8 array), never through a symbolic link; None if it is not there."""
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except OSError as exc:
@@ -437,9 +473,24 @@ def _read_regular(path: Path) -> Optional[bytes]:
             return None
         raise
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
             return None
-        return handle.read()
+        return _copy_out(handle.fileno(), info.st_size)
+
+
+def _copy_out(fd: int, size: int) -> Union[bytes, np.ndarray]:
+    """A file's bytes copied into memory through a short-lived read-only map: 4x faster than read()
+    for a large file in the page cache (157 MB: 0.025 s vs 0.1 s; numpy's copy lands on huge pages).
+    The copy is kept, never the map, so a volume in the cache cannot change with the file on disk."""
+    if size == 0:
+        return b""
+    with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mapped:
+        view = np.frombuffer(mapped, np.uint8)
+        data = view.copy()
+        del view  # the map can only close once no array looks into it
+    data.setflags(write=False)  # as immutable as the bytes it stands for
+    return data
 
 
 def _is_real(path: Path, kind) -> bool:
