@@ -358,3 +358,71 @@ def test_upload_bytes_waiting_for_a_slow_disk_count_against_the_memory_bound(tmp
     disk_free.set()
     upload.discard()
     assert store.pending_bytes == 0
+
+
+def _big_upload(n_slices=40):
+    """Wire bytes of a 21 MB volume (more than one FLUSH_BEHIND_BYTES) and its id."""
+    import numpy as np
+
+    body = encode_volume((np.full((n_slices, 512, 512), 7, dtype=np.int16), np.eye(4)))
+    return body, hashlib.sha256(body).hexdigest()
+
+
+def _send(upload, body):
+    for start in range(0, len(body), 1 << 20):
+        upload.write(body[start : start + (1 << 20)])
+
+
+def test_an_upload_is_flushed_to_disk_while_it_arrives(tmp_path, monkeypatch):
+    """The fsync before the 201 then has little left (the flushes wrap the real os.fdatasync)."""
+    from medmllm.server import store as store_module
+
+    flushed = []
+    real = store_module._fdatasync
+    monkeypatch.setattr(
+        store_module, "_fdatasync", lambda fd: flushed.append(os.fstat(fd).st_size) or real(fd)
+    )
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    body, volume_id = _big_upload()
+    upload = store.begin(volume_id, None, length=len(body))
+    _send(upload, body)
+    assert wait_until(lambda: flushed), "no flush started before the body ended"
+    assert 0 < flushed[0] < len(body)
+    assert upload.commit().shape == (40, 512, 512)
+    assert (store.dir / f"{volume_id}.vol").read_bytes() == body
+
+
+def test_a_disk_error_while_flushing_behind_fails_the_upload_and_keeps_nothing(tmp_path, monkeypatch):
+    from medmllm.server import store as store_module
+
+    def failing(fd):  # what os.fdatasync raises when the device reports an I/O error
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module, "_fdatasync", failing)
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    body, volume_id = _big_upload()
+    upload = store.begin(volume_id, None, length=len(body))
+    with pytest.raises(StoreError) as failed:
+        _send(upload, body)
+        upload.commit()
+    upload.discard()
+    assert failed.value.status == 500 and "could not store" in str(failed.value)
+    assert list(store.dir.iterdir()) == [] and list(store.tmp_dir.iterdir()) == []
+
+
+def test_a_cached_volume_is_a_copy_that_damage_on_disk_cannot_reach(tmp_path):
+    """The verified upload is copied out of a memory map, never served through one."""
+    store = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    body, volume_id = _big_upload()
+    upload = store.begin(volume_id, None, length=len(body))
+    _send(upload, body)
+    upload.commit()
+    path = store.dir / f"{volume_id}.vol"
+    with open(path, "r+b") as stored:
+        stored.seek(len(body) - 1)
+        stored.write(b"\x55")
+    assert int(store.get(volume_id).voxels[-1, -1, -1]) == 7
+    fresh = VolumeStore(tmp_path, max_volume_bytes=1 << 30, max_disk_bytes=1 << 32, max_memory_bytes=1 << 30)
+    with pytest.raises(StoreError) as damaged:
+        fresh.get(volume_id)
+    assert damaged.value.status == 404 and not path.exists()
