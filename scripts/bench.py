@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from statistics import median
 from typing import Dict, Tuple
 
 import numpy as np
@@ -99,7 +100,7 @@ def row(name: str, value: str) -> None:
     print(f"{name:<50} {value}")
 
 
-def bench_server(ct: np.ndarray, matrix: np.ndarray, engine: str, question: str) -> None:
+def bench_server(ct: np.ndarray, matrix: np.ndarray, engine: str, question: str, n_uploads: int = 3) -> None:
     from medmllm.client import MedMLLMClient
     from medmllm.geometry.wire import volume_sha256
 
@@ -113,7 +114,7 @@ def bench_server(ct: np.ndarray, matrix: np.ndarray, engine: str, question: str)
             row(f"client sha256 of {mb:.0f} MB", f"{time.perf_counter() - t:.3f} s")
             idle = rss_mb(proc.pid)
             uploads = []
-            for n in range(3):
+            for n in range(n_uploads):
                 volume = ct if n == 0 else ct + np.int16(n)
                 t = time.perf_counter()
                 client.ensure_volume(volume, matrix)
@@ -125,7 +126,10 @@ def bench_server(ct: np.ndarray, matrix: np.ndarray, engine: str, question: str)
                     f"  server memory per cached volume ({n + 1} cached)",
                     f"{cached:.0f} MB = {cached / mb:.2f}x",
                 )
-            row(f"best upload (machine load {load()})", f"{min(uploads):.3f} s")
+            row(
+                f"best / median upload (machine load {load()})",
+                f"{min(uploads):.3f} / {median(uploads):.3f} s",
+            )
             volume_id = volume_sha256(ct, matrix)
             for n in (1, 2):
                 ask_once(client, volume_id, f"question {n} ({engine}: {question!r})", question)
@@ -238,6 +242,7 @@ def main() -> None:
     parser.add_argument("--engine", default="builtin", help="engine the server runs (default builtin)")
     parser.add_argument("--question", default="how big are the lungs?")
     parser.add_argument("--skip-tools", action="store_true", help="skip the in-process builtin tool timings")
+    parser.add_argument("--uploads", type=int, default=3, help="distinct volumes uploaded (default 3)")
     parser.add_argument(
         "--tools-only", action="store_true", help="only the builtin tool timings (no server, no codec)"
     )
@@ -257,7 +262,7 @@ def main() -> None:
         f"built in {time.perf_counter() - t:.1f} s",
     )
     if not args.tools_only:
-        bench_server(ct, matrix, args.engine, args.question)
+        bench_server(ct, matrix, args.engine, args.question, args.uploads)
         bench_codec(ct)
     if not args.skip_tools:
         bench_tools(ct, matrix)

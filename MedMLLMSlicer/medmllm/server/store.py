@@ -4,7 +4,8 @@ Volumes are kept as the exact wire bytes (`<sha256>.vol`), so a restart keeps th
 re-verifiable (and is re-verified each time a volume is read back from disk); a bounded in-memory
 cache holds the decoded arrays. An upload streams to disk with bounded memory: each block is
 inflated (gzip) in pieces, size-checked, then hashed and written by a spool thread of its own while
-the body still arrives, at most `MAX_PENDING_BYTES` ahead of the disk. Only once the hash and the
+the body still arrives, at most `MAX_PENDING_BYTES` ahead of the disk, and flushed to the disk
+behind it. Only once the hash and the
 volume check pass is the file fsynced and renamed into place and the volume cached, before the 201:
 a 201 means stored, and a full disk is a clear 507 with nothing half-written left.
 """
