@@ -223,3 +223,32 @@ def test_openapi_documents_the_routes(live_server):
         "/v1/sessions/{session_id}/cancel",
     ):
         assert route in paths
+
+
+def test_evicting_or_dropping_a_damaged_volume_drops_its_anatomy_labels(serve):
+    """The builtin engine's TotalSegmentator labels (`<store>/engines/builtin/anatomy/<id>/`) go
+    with their volume; they were kept forever before. Labels are written by the real LabelCache."""
+    from medmllm.anatomy.runner import Plan
+    from medmllm.engines.base import EngineOptions
+    from medmllm.engines.builtin import BuiltinEngine
+
+    engine = BuiltinEngine(EngineOptions())
+    server = serve(engine=engine, max_store_bytes=60_000)  # room for one 32 kB volume
+    client, cache = server.client(), engine.anatomy.runner.cache
+    labels = np.ones((10, 40, 40), np.uint8)
+    first = client.ensure_volume(np.full((10, 40, 40), 1, np.int16), np.eye(4))
+    cache.store(first, Plan("total", "cpu", True, None), labels)
+    assert (server.store / "engines" / "builtin" / "anatomy" / first).is_dir()
+    second = client.ensure_volume(np.full((10, 40, 40), 2, np.int16), np.eye(4))
+    cache.store(second, Plan("total", "cpu", True, None), labels)
+    assert not (cache.root / first).exists() and cache.find(first, "total", []) is None
+    assert cache.find(second, "total", []) is not None, "the kept volume keeps its labels"
+    stored = server.store / "volumes" / f"{second}.vol"
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\x09")  # damaged on disk, found after a restart
+    engine = BuiltinEngine(EngineOptions())
+    restarted = serve(engine=engine, store=server.store, max_store_bytes=60_000)
+    with pytest.raises(BadRequest, match="damaged"):
+        list(restarted.client().chat(second, "how big are the lungs?"))
+    assert (
+        not (cache.root / second).exists() and engine.anatomy.runner.cache.find(second, "total", []) is None
+    )

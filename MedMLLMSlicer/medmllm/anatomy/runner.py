@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,7 @@ import numpy as np
 
 from medmllm.anatomy import child, nifti
 from medmllm.geometry.volume import Volume
+from medmllm.protocol import is_volume_id
 
 DEFAULT_ENTRY = "totalsegmentator.python_api:totalsegmentator"
 NOT_INSTALLED = (
@@ -172,6 +174,14 @@ class LabelCache:
         with self._lock:
             self._memory = {path: labels}
         return labels
+
+    def forget(self, volume_id: str) -> None:
+        """Drop every label image of a volume (on disk and in memory): its volume is gone."""
+        if not is_volume_id(volume_id):  # never a path out of the cache
+            return
+        with self._lock:
+            self._memory = {p: labels for p, labels in self._memory.items() if p.parent.name != volume_id}
+        shutil.rmtree(self.root / volume_id, ignore_errors=True)
 
     def store(self, volume_id: str, plan: Plan, labels: np.ndarray) -> None:
         path = self._file(volume_id, plan)

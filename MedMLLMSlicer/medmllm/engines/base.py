@@ -146,6 +146,10 @@ class Engine(ABC):
         """A folder in the server's store for per-volume results that outlive a restart (keyed by
         volume id); the server calls this once. Default: nothing kept."""
 
+    def forget(self, volume_id: str) -> None:  # noqa: B027 - optional hook
+        """The server removed this volume (disk bound, or damaged): drop what `use_store` kept for
+        it, or that folder grows without bound. Default: nothing."""
+
     def prepare(self, volume: Volume, volume_id: str) -> None:  # noqa: B027 - optional hook
         """Per-volume work done once (preprocessing, vision features); default: nothing."""
 

@@ -90,6 +90,7 @@ def create_app(
     results = ResultStore(Path(store_dir), max_results)
     state = ServerState(engine, volumes, results, Path(store_dir), answer_timeout_s)
     engine.use_store(Path(store_dir) / "engines" / engine.name)
+    volumes.on_remove = engine.forget
     app = FastAPI(
         title="MedMLLMSlicer model server",
         version=medmllm.__version__,

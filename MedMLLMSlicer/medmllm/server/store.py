@@ -25,7 +25,7 @@ import uuid
 import zlib
 from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Deque, Dict, List, Optional, Union
+from typing import Callable, Deque, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -347,6 +347,8 @@ class VolumeStore:
         self._cache: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._disk_lock = threading.Lock()
+        #: Told the id of each volume removed (evicted or damaged), so what was kept for it goes too.
+        self.on_remove: Callable[[str], None] = lambda volume_id: None
 
     def path(self, volume_id: str) -> Path:
         if not is_volume_id(volume_id):
@@ -405,14 +407,14 @@ class VolumeStore:
         _touch(path)
         if hashlib.sha256(data).hexdigest() != volume_id:
             log.error("store: volume %s failed its checksum on disk; removed", volume_id[:12])
-            path.unlink(missing_ok=True)
+            self._remove(path)
             raise StoreError(
                 404, "the stored volume was damaged on disk and has been removed; upload it again"
             )
         try:
             volume = _decode_volume(data, self.max_volume_bytes)
         except ValueError as exc:
-            path.unlink(missing_ok=True)
+            self._remove(path)
             raise StoreError(404, f"stored volume was unreadable and has been removed ({exc})") from None
         self.remember(volume_id, volume)
         return volume
@@ -448,10 +450,15 @@ class VolumeStore:
             if old.stem == keep:
                 continue
             total -= info.st_size
-            old.unlink(missing_ok=True)
+            self._remove(old)
             with self._lock:
                 self._cache.pop(old.stem, None)
             log.info("store: evicted volume %s (disk bound)", old.stem[:12])
+
+    def _remove(self, path: Path) -> None:
+        """Delete a stored volume and let `on_remove` drop what was kept for it."""
+        path.unlink(missing_ok=True)
+        self.on_remove(path.stem)
 
 
 def _stat_all(paths) -> List[tuple]:

@@ -127,6 +127,9 @@ class BuiltinEngine(Engine):
     def use_store(self, folder: Path) -> None:
         self.anatomy.use_store(folder / "anatomy")
 
+    def forget(self, volume_id: str) -> None:
+        self.anatomy.runner.cache.forget(volume_id)
+
     def prepare(self, volume: Volume, volume_id: str) -> None:
         self._state(volume, volume_id)
 
