@@ -138,7 +138,9 @@ class CTAnalysis:
             from scipy import ndimage
 
             inside = ndimage.binary_dilation(self.body_coarse())
-            bones, vessels = ct_bones.find_bones(self.hu_c, inside, self.spacing_c, self.coarse_voxel_ml)
+            bones, vessels = ct_bones.find_bones(
+                self.hu_c, inside, self.spacing_c, self.coarse_voxel_ml, self.axis
+            )
             if not bones.any():
                 return {}
             full = grid.refine(bones, self.f, self.hu, lambda v: v >= ct_bones.BONE_MIN_HU)
