@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Tuple
 
 
 class PluginError(Exception):
@@ -56,11 +56,22 @@ class Registry:
 
     def names(self) -> List[str]:
         """Built-ins in their listed order, then installed plug-ins sorted by name."""
-        plugins = sorted(set(_entry_points(self.group)) - set(self.entries))
-        return [*self.entries, *plugins]
+        return self._ordered(self.targets())
+
+    def _ordered(self, targets: Mapping[str, str]) -> List[str]:
+        return [*self.entries, *sorted(set(targets) - set(self.entries))]
 
     def load(self, name: str) -> Any:
+        return self._load(name, self.targets())
+
+    def each(self) -> Iterator[Tuple[str, Any]]:
+        """(name, object) in `names()` order, each loaded as the loop reaches it; the installed
+        packages are scanned once for the whole loop, not once per name (~10 ms a scan)."""
         targets = self.targets()
+        for name in self._ordered(targets):
+            yield name, self._load(name, targets)
+
+    def _load(self, name: str, targets: Mapping[str, str]) -> Any:
         if name not in targets:
             raise PluginError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}")
         try:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 from medmllm.grounding.base import Dialect
 from medmllm.plugins import PluginError, Registry
@@ -37,15 +37,23 @@ def get_dialect(name: str) -> Dialect:
         raise ValueError(str(exc)) from exc
 
 
+def _each_dialect() -> Iterator[Tuple[str, Dialect]]:
+    """Every dialect in `dialect_names()` order, loaded lazily (errors as in `get_dialect`)."""
+    try:
+        yield from DIALECTS.each()
+    except PluginError as exc:
+        raise ValueError(str(exc)) from exc
+
+
 def slice_dialect_names() -> List[str]:
     """Dialects of models that look at one 2D picture (what an OpenAI-compatible server is sent)."""
-    return [name for name in dialect_names() if get_dialect(name).image is not None]
+    return [name for name, dialect in _each_dialect() if dialect.image is not None]
 
 
 def dialect_for_model(model: Optional[str]) -> str:
     """The dialect a served model most likely speaks, from its name; `FALLBACK` when unknown."""
     lowered = (model or "").lower()
-    for name in dialect_names():
-        if any(key in lowered for key in get_dialect(name).models):
+    for name, dialect in _each_dialect():
+        if any(key in lowered for key in dialect.models):
             return name
     return FALLBACK
