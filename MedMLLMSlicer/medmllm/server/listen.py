@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from medmllm.server.guard import DEFAULT_CLIENT_TIMEOUT_S
+
 #: Seconds an idle keep-alive connection stays open after a response (uvicorn's own timer).
 KEEP_ALIVE_S = 5
 DEFAULT_MAX_CONNECTIONS = 256
@@ -27,7 +29,7 @@ class TimedHttpToolsProtocol(HttpToolsProtocol):
     """HttpToolsProtocol that closes a connection left without a complete request header for
     `client_timeout_s` (set per server by `_timed_protocol`)."""
 
-    client_timeout_s = 30.0
+    client_timeout_s = DEFAULT_CLIENT_TIMEOUT_S
     _header_timer: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
@@ -64,7 +66,7 @@ def serve_app(
     port: int,
     log_level: str = "info",
     forwarded_allow_ips: Sequence[str] = (),
-    client_timeout_s: float = 30.0,
+    client_timeout_s: float = DEFAULT_CLIENT_TIMEOUT_S,
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Serve until stopped (blocking)."""
