@@ -86,13 +86,8 @@ def refine(
 
 def largest_components(mask: np.ndarray, count: int = 1) -> list:
     """The `count` largest 26-connected components, biggest first, as boolean arrays."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel())[1:]
-    order = np.argsort(sizes)[::-1][:count]
+    labels, sizes = components(mask)
+    order = np.argsort(sizes[1:])[::-1][:count]
     return [labels == (i + 1) for i in order]
 
 
