@@ -440,16 +440,14 @@ def load_real_scan(scan: RealScan):
 def reference_mask(scan: RealScan, group: str, volume) -> np.ndarray:
     """Boolean [k, j, i] mask of a `REFERENCE_GROUPS` structure on `volume`'s grid.
 
-    The reference is resampled by physical position (nearest label), since a shipped segmentation
-    may store the same grid with other axis directions (the DICOM one is flipped in j)."""
-    import SimpleITK as sitk
+    The reference is put on the grid by physical position (nearest label), since a shipped
+    segmentation may store the same grid with other axis directions (the DICOM one is flipped in j)."""
+    from medmllm.anatomy.nifti import labels_on_grid
 
     if scan.reference_path is None or scan.reference_map is None:
         raise SampleError(f"{scan.name} has no TotalSegmentator reference segmentation")
     wanted = [n for n, name in label_map(scan.reference_map).items() if REFERENCE_GROUPS[group](name)]
-    labels = sitk.ReadImage(str(scan.reference_path))
-    on_grid = sitk.Resample(labels, volume.to_sitk(), sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    return np.isin(sitk.GetArrayFromImage(on_grid), wanted)
+    return np.isin(labels_on_grid(scan.reference_path, volume), wanted)
 
 
 def _unpacked(sdist: Sdist, member: str) -> Path:
