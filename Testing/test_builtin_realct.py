@@ -14,7 +14,7 @@ from conftest import load_script
 
 eval_realct = load_script("eval_realct")
 
-BONE_DICE_FLOOR = {"abdomen-ct": 0.895, "abdomen-ct-crop": 0.845, "ct-dicom": 0.71}
+BONE_DICE_FLOOR = {"abdomen-ct": 0.895, "abdomen-ct-crop": 0.885, "ct-dicom": 0.71}
 
 
 @pytest.fixture(scope="module")
