@@ -4,9 +4,13 @@ For every real CT and structure: our volume, the reference volume, the volume di
 which side of the patient the mask lies on, and the time each tool took (`time.perf_counter`, on
 this machine, as loaded as it is: the load average is printed). The reference is TotalSegmentator's
 own segmentation shipped in its 2.18.0 sdist (lungs: union of the lobes; bones: vertebrae, ribs,
-sacrum, hips, femurs, humeri, scapulae, claviculae, sternum, skull). Prints a Markdown table;
-asserts nothing. Run with `scripts/eval_realct` (uses .venv/bin/python); the sample cache must be
-filled by set-up (`python -m medmllm.samples`).
+sacrum, hips, femurs, humeri, scapulae, claviculae, sternum, skull). Where that segmentation was
+made on a coarser grid than the scan's (TotalSegmentator `--fast` segments at 3 mm), the table
+also gives Dice on that grid and the ceiling: the Dice our own mask reaches against itself once
+re-made on that grid, i.e. what a segmentation exactly like ours can score against a reference
+with that grid's blocky boundary. Prints a Markdown table; asserts nothing. Run with
+`scripts/eval_realct` (uses .venv/bin/python); the sample cache must be filled by set-up
+(`python -m medmllm.samples`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class Row:
     dice: Optional[float]
     centre_x_mm: Optional[float]  # RAS x of our mask's centroid minus the body's midline (+ = right)
     width_mm: Optional[float]  # R-L extent of our mask
+    dice_on_reference_grid: Optional[float] = None  # both masks on the reference model's grid
+    ceiling: Optional[float] = None  # our mask against itself re-made on that grid
 
     @property
     def volume_error(self) -> Optional[float]:
@@ -44,6 +50,43 @@ class Row:
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
     return 2.0 * np.count_nonzero(a & b) / total if total else 1.0
+
+
+def on_grid(mask: np.ndarray, spacing_ijk, mm: float) -> np.ndarray:
+    """`mask` sampled on an isotropic `mm` grid over the same extent (linear, >= 0.5), the way a
+    model working at `mm` sees it."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(mask.astype(np.float32))
+    image.SetSpacing([float(s) for s in spacing_ijk])
+    size = [max(1, round(n * s / mm)) for n, s in zip(image.GetSize(), image.GetSpacing())]
+    coarse = sitk.Resample(
+        image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), (mm, mm, mm), image.GetDirection()
+    )
+    return sitk.GetArrayFromImage(coarse) >= 0.5
+
+
+def reblocked(mask: np.ndarray, spacing_ijk, mm: float) -> np.ndarray:
+    """`mask` re-made on the `mm` grid and put back on its own grid by nearest neighbour, as
+    TotalSegmentator returns a segmentation made at `mm`."""
+    import SimpleITK as sitk
+
+    coarse = sitk.GetImageFromArray(on_grid(mask, spacing_ijk, mm).astype(np.uint8))
+    coarse.SetSpacing((mm, mm, mm))
+    target = sitk.Image(list(mask.shape[::-1]), sitk.sitkUInt8)
+    target.SetSpacing([float(s) for s in spacing_ijk])
+    back = sitk.Resample(coarse, target, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(back).astype(bool)
+
+
+def grid_scores(ours: np.ndarray, reference: np.ndarray, spacing_ijk, mm: Optional[float]) -> tuple:
+    """(Dice on the reference model's grid, ceiling); (None, None) unless that grid is coarser
+    than the scan's."""
+    if mm is None or min(spacing_ijk) >= mm:
+        return None, None
+    ours_coarse = on_grid(ours, spacing_ijk, mm)
+    on_reference_grid = dice(ours_coarse, on_grid(reference, spacing_ijk, mm))
+    return on_reference_grid, dice(ours, reblocked(ours, spacing_ijk, mm))
 
 
 def score(name: str) -> tuple:
@@ -75,6 +118,9 @@ def score(name: str) -> tuple:
         if not ours.any() and (reference is None or not reference.any()):
             continue
         xs = x[ours] if ours.any() else None
+        coarse = (None, None)
+        if reference is not None:
+            coarse = grid_scores(ours, reference, volume.spacing, scan.reference_mm)
         rows.append(
             Row(
                 name,
@@ -84,6 +130,7 @@ def score(name: str) -> tuple:
                 None if reference is None else dice(ours, reference),
                 None if xs is None else float(xs.mean()) - midline,
                 None if xs is None else float(xs.max() - xs.min()),
+                *coarse,
             )
         )
     return rows, seconds
@@ -98,8 +145,8 @@ def _x_ras(volume) -> np.ndarray:
 def table(results: List[tuple]) -> str:
     lines = [
         "| scan | structure | ours (mL) | reference (mL) | volume diff | Dice | side (centre x vs midline) "
-        "| R-L width |",
-        "|---|---|---|---|---|---|---|---|",
+        "| R-L width | Dice on the reference's grid | ceiling there |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rows, _ in results:
         for r in rows:
@@ -108,8 +155,11 @@ def table(results: List[tuple]) -> str:
             d = "" if r.dice is None else f"{r.dice:.3f}"
             side = "" if r.centre_x_mm is None else _side(r.centre_x_mm)
             width = "" if r.width_mm is None else f"{r.width_mm:.0f} mm"
+            coarse = "" if r.dice_on_reference_grid is None else f"{r.dice_on_reference_grid:.3f}"
+            ceiling = "" if r.ceiling is None else f"{r.ceiling:.3f}"
             lines.append(
-                f"| {r.scan} | {r.structure} | {r.ours_ml:.0f} | {ref} | {err} | {d} | {side} | {width} |"
+                f"| {r.scan} | {r.structure} | {r.ours_ml:.0f} | {ref} | {err} | {d} | {side} | {width} "
+                f"| {coarse} | {ceiling} |"
             )
     return "\n".join(lines)
 

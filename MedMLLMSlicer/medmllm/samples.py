@@ -303,7 +303,10 @@ class RealScan:
 
     `reference_map` names the `class_map` entry of TotalSegmentator's map_to_binary.py that numbers
     the reference's labels ("total" for CT, "total_mr" for MR); None when the reference is not a
-    TotalSegmentator output (pyradiomics ships a tumour label only).
+    TotalSegmentator output (pyradiomics ships a tumour label only). `reference_mm` is the isotropic
+    voxel size the reference's model segmented at (3 mm with `--fast`, 1.5 mm without), from the
+    command that made it (tests/update_test_files.sh, wasserth/TotalSegmentator@00064a1): a
+    reference made on a coarser grid than the scan's has that grid's blocky boundary.
     """
 
     name: str
@@ -313,6 +316,7 @@ class RealScan:
     image: str
     reference: Optional[str]
     reference_map: Optional[str]
+    reference_mm: Optional[float] = None
 
     @property
     def image_path(self) -> Path:
@@ -347,6 +351,7 @@ REAL_SCANS: Dict[str, RealScan] = {
             _TS_REF + "example_ct.nii.gz",
             _TS_REF + "example_seg_fast_force_split.nii.gz",
             "total",
+            3.0,  # --fast
         ),
         RealScan(
             "abdomen-ct-crop",
@@ -356,6 +361,7 @@ REAL_SCANS: Dict[str, RealScan] = {
             _TS_REF + "example_ct_sm.nii.gz",
             _TS_REF + "example_seg.nii.gz",
             "total",
+            1.5,
         ),
         RealScan(
             "ct-dicom",
@@ -365,6 +371,7 @@ REAL_SCANS: Dict[str, RealScan] = {
             _TS_REF + "example_ct_dicom",
             _TS_REF + "example_seg_dicom.nii.gz",
             "total",
+            3.0,  # --fast
         ),
         RealScan(
             "abdomen-mr",
