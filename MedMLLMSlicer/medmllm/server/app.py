@@ -237,6 +237,7 @@ def _chat_routes(app: FastAPI, state: ServerState) -> None:
         roi = _roi_to_ijk(req, volume)
         view = ViewState(req.view.orientation, req.view.index, req.view.window)
         session = state.sessions.start_turn(req.session_id, req.volume_id)
+        result_id = None
         try:
             messages = _conversation(req, session.messages)
             result_id = state.results.new()
@@ -250,9 +251,11 @@ def _chat_routes(app: FastAPI, state: ServerState) -> None:
                 url_prefix=results_path(result_id),
             )
         except BaseException:
+            if result_id is not None:
+                state.results.finish(result_id)
             state.sessions.end_turn(session, session.messages, "")
             raise
-        state.results.writers[result_id] = writer
+        state.results.attach(result_id, writer)
         ctx = ChatContext(volume, req.volume_id, messages, view, roi, req.max_new_tokens, req.temperature)
         queue: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
@@ -354,7 +357,7 @@ def _run_turn(state: ServerState, ctx: ChatContext, writer: ResultWriter, sessio
             writer.write_files()
         except Exception:
             log.exception("writing the result files of %s failed", writer.result_id)
-        state.results.writers.pop(writer.result_id, None)
+        state.results.finish(writer.result_id)
 
 
 def _run_locked(

@@ -522,20 +522,36 @@ def _touch(path: Path) -> bool:
 
 
 class ResultStore:
-    """One folder per answer (`results/<id>/`), keeping the newest `max_results`."""
+    """One folder per answer (`results/<id>/`), keeping the newest `max_results`.
+
+    An answer is protected from pruning from `new()` until `finish()`: a folder being written is
+    newer by mtime than an empty one just made, so without the reservation a concurrent answer's
+    pruning could delete a folder between its creation and its writer being attached."""
 
     def __init__(self, root: Path, max_results: int = 64) -> None:
         self.dir = Path(root) / "results"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_results = max_results
-        self.writers: Dict[str, object] = {}
+        self.writers: Dict[str, Optional[object]] = {}  # answers in progress (None: no writer yet)
         self._lock = threading.Lock()
 
     def new(self) -> str:
+        """A new answer's folder, reserved until `finish()`."""
         result_id = uuid.uuid4().hex
+        with self._lock:
+            self.writers[result_id] = None
         (self.dir / result_id).mkdir()
         self._prune()
         return result_id
+
+    def attach(self, result_id: str, writer: object) -> None:
+        with self._lock:
+            self.writers[result_id] = writer
+
+    def finish(self, result_id: str) -> None:
+        """The answer's files are written (or it failed): from now on it may be pruned."""
+        with self._lock:
+            self.writers.pop(result_id, None)
 
     def folder(self, result_id: str) -> Path:
         folder = self.dir / result_id
@@ -560,7 +576,17 @@ class ResultStore:
 
     def _prune(self) -> None:
         """Delete the oldest finished answers past `max_results`; answers still streaming stay."""
-        folders = sorted((p for p in self.dir.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        folders = sorted((p for p in self.dir.iterdir() if p.is_dir()), key=_mtime)
+        with self._lock:
+            busy = set(self.writers)
         for old in folders[: max(0, len(folders) - self.max_results)]:
-            if old.name not in self.writers:
+            if old.name not in busy:
                 shutil.rmtree(old, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    """Modification time, or 0 for a folder another answer's pruning removed meanwhile."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
