@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import requests
 from conftest import free_port, phantom_ct, wait_until
-from medmllm.client import MedMLLMClient
+from medmllm.client import MedMLLMClient, ServerBusy
 from medmllm.geometry.wire import encode_volume
 
 PACKAGE_DIR = Path(medmllm.__file__).resolve().parents[1]
@@ -319,6 +319,22 @@ def test_concurrent_uploads_past_the_cap_get_503_with_retry_after(shared):
     for sock in stalled:
         sock.close()
     assert wait_until(lambda: shared.put(_volume(200)).status_code == 201)
+
+
+def test_the_client_waits_out_a_busy_server_and_says_so_when_it_stays_busy(shared):
+    """503 + Retry-After (uploads at the cap): `ensure_volume` uploads once a slot frees within
+    `busy_wait_s`; given no time to wait it raises ServerBusy with the server's own sentence."""
+    stalled = [_stalled_upload(shared.port, b"x" * 100, declared=10_000) for _ in range(2)]
+    assert wait_until(lambda: len(list((shared.store / "tmp").iterdir())) == 2)
+    voxels, matrix = np.full((20, 32, 28), 7, np.int16), np.eye(4)
+    with pytest.raises(ServerBusy, match="uploads are in progress") as busy:
+        MedMLLMClient(shared.url, busy_wait_s=0).ensure_volume(voxels, matrix)
+    assert busy.value.retry_after >= 1
+    freeing = threading.Timer(1.5, lambda: [sock.close() for sock in stalled])
+    freeing.start()
+    volume_id = MedMLLMClient(shared.url, busy_wait_s=30).ensure_volume(voxels, matrix)
+    freeing.join()
+    assert requests.head(f"{shared.url}/v1/volumes/{volume_id}", timeout=10).status_code == 200
 
 
 # ----- 7. what is on disk is checked, links are not followed -----------------------------------------

@@ -2,8 +2,9 @@
 
 The same volume is never sent twice: its id is the sha256 of the wire bytes, so `ensure_volume`
 asks with HEAD first and uploads only when the server does not have it. Chat answers stream as
-server-sent events parsed here by hand, robust to any chunking. Every failure is a
-`BackendError` whose message is a sentence a user can act on.
+server-sent events parsed here by hand, robust to any chunking. A server at its limit of uploads
+or connections (HTTP 503) is asked again after the Retry-After it sends, for up to `busy_wait_s`.
+Every failure is a `BackendError` whose message is a sentence a user can act on.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import gzip
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
@@ -31,6 +33,7 @@ from medmllm.protocol import (
 )
 
 Timeout = Union[float, Tuple[float, float]]
+BUSY_WAIT_S = 30.0  # longest wait, in all, for a server answering 503 (busy) before giving up
 
 
 class BackendError(Exception):
@@ -61,12 +64,20 @@ class ServerError(BackendError):
     pass
 
 
-class RateLimited(BackendError):
-    """Too many requests for this token; `retry_after` says in how many seconds to try again."""
+class RetryLater(BackendError):
+    """The server asked to be asked again; `retry_after` says in how many seconds."""
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(RetryLater):
+    """Too many requests for this token."""
+
+
+class ServerBusy(RetryLater):
+    """The server stayed at its limit of uploads or connections (HTTP 503) for `busy_wait_s`."""
 
 
 class StreamInterrupted(BackendError):
@@ -76,9 +87,16 @@ class StreamInterrupted(BackendError):
 class MedMLLMClient:
     """`MedMLLMClient("http://127.0.0.1:8765", token=...)`; `timeout` = (connect, read) seconds."""
 
-    def __init__(self, base_url: str, token: Optional[str] = None, timeout: Timeout = (5.0, 300.0)) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: Optional[str] = None,
+        timeout: Timeout = (5.0, 300.0),
+        busy_wait_s: float = BUSY_WAIT_S,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        self.busy_wait_s = busy_wait_s
         self.session = requests.Session()
         if token:
             self.session.headers["Authorization"] = f"Bearer {token}"
@@ -118,7 +136,7 @@ class MedMLLMClient:
         if compress:
             parts = (gzip.compress(b"".join(parts), compresslevel=1),)
             headers["Content-Encoding"] = UPLOAD_ENCODING
-        body = _BodyReader(parts)
+        body = _BodyReader(parts)  # iterated afresh if the upload is sent again after a 503
         self._request("PUT", volume_path(volume_id), data=body, headers=headers)
         self.last_upload_bytes = len(body)
         return volume_id
@@ -179,18 +197,32 @@ class MedMLLMClient:
         )
 
     def _request(self, method: str, path: str, ok=(200, 201, 204), **kwargs: Any) -> requests.Response:
+        """One request; after a 503 it is sent again, after the server's Retry-After, until
+        `busy_wait_s` is spent (a body must be re-iterable, like `_BodyReader`)."""
+        deadline = time.monotonic() + self.busy_wait_s
+        while True:
+            response = self._send(method, path, **kwargs)
+            if response.status_code != 503:
+                break
+            wait = _retry_after(response)
+            if time.monotonic() + wait > deadline:
+                raise ServerBusy(f"the server at {self.base_url} stayed busy: {_detail(response)}", wait)
+            response.close()
+            time.sleep(wait)
+        if response.status_code not in ok:
+            raise _http_error(response)
+        return response
+
+    def _send(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         url = self._url(path)
         try:
-            response = self.session.request(method, url, timeout=self.timeout, **kwargs)
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.exceptions.ConnectionError as exc:
             if isinstance(exc, requests.exceptions.ConnectTimeout):
                 raise BackendTimeout(f"no answer from {self.base_url} within {self._connect_s()} s") from None
             raise ServerUnreachable(f"no server at {self.base_url} — is it running?") from None
         except requests.exceptions.Timeout:
             raise BackendTimeout(f"the server at {self.base_url} did not answer in time") from None
-        if response.status_code not in ok:
-            raise _http_error(response)
-        return response
 
     def _connect_s(self) -> float:
         return self.timeout[0] if isinstance(self.timeout, tuple) else self.timeout
@@ -237,14 +269,18 @@ def _http_error(response: requests.Response) -> BackendError:
     if code == 413:
         return VolumeTooLarge(f"the volume is too large for this server: {detail}")
     if code == 429:
-        retry = response.headers.get("Retry-After", "")
-        seconds = float(retry) if retry.isdigit() else 1.0
-        return RateLimited(f"the server is rate-limiting this token: {detail}", seconds)
+        return RateLimited(f"the server is rate-limiting this token: {detail}", _retry_after(response))
     if code == 507:
         return ServerError(f"the server has no disk space left for this volume: {detail}")
     if code >= 500:
         return ServerError(f"the server failed (HTTP {code}): {detail}")
     return BadRequest(f"the server refused the request (HTTP {code}): {detail}")
+
+
+def _retry_after(response: requests.Response) -> float:
+    """The server's Retry-After in seconds (1 if absent or an HTTP date), at most a minute."""
+    retry = response.headers.get("Retry-After", "")
+    return min(float(retry), 60.0) if retry.isdigit() else 1.0
 
 
 def _detail(response: requests.Response) -> str:
