@@ -70,6 +70,21 @@ def test_one_run_per_volume_then_the_store_answers(crop, tmp_path):
         )
 
 
+def test_a_volume_removed_while_its_run_goes_on_leaves_no_labels_behind(crop, tmp_path):
+    """The server evicts a volume (cache.forget) while TotalSegmentator runs for it: the answer
+    still gets its labels, but they are not stored for a volume the server no longer holds."""
+    runner = Runner(tmp_path, Settings(device="cpu", entry=DOUBLE))
+    run = runner.labels(crop, "e" * 64, "total", ["liver"], threading.Event())
+    assert "Running TotalSegmentator" in next(run)  # under way
+    runner.cache.forget("e" * 64)
+    assert finish(run).shape == crop.shape
+    assert not (tmp_path / ("e" * 64)).exists()
+    labels = finish(runner.labels(crop, "e" * 64, "total", ["liver"], threading.Event()))  # asked again
+    assert (tmp_path / ("e" * 64)).is_dir() and np.array_equal(
+        runner.cache.find("e" * 64, "total", ["liver"]), labels
+    )
+
+
 def test_stop_ends_the_child_process_at_once(crop, tmp_path, monkeypatch):
     started = []
     real_popen = subprocess.Popen

@@ -225,6 +225,25 @@ def test_openapi_documents_the_routes(live_server):
         assert route in paths
 
 
+def test_a_restart_sweeps_the_anatomy_labels_of_volumes_removed_while_it_was_down(serve):
+    """Labels of a volume whose file is gone (deleted by hand, a smaller store) are dropped at start;
+    those of held volumes stay."""
+    from medmllm.anatomy.runner import Plan
+    from medmllm.engines.base import EngineOptions
+    from medmllm.engines.builtin import BuiltinEngine
+
+    engine = BuiltinEngine(EngineOptions())
+    server = serve(engine=engine)
+    kept = server.client().ensure_volume(np.full((10, 40, 40), 1, np.int16), np.eye(4))
+    plan, labels = Plan("total", "cpu", True, None), np.ones((10, 40, 40), np.uint8)
+    engine.anatomy.runner.cache.store(kept, plan, labels)
+    engine.anatomy.runner.cache.store("f" * 64, plan, labels)  # no such volume in the store
+    anatomy = server.store / "engines" / "builtin" / "anatomy"
+    assert sorted(p.name for p in anatomy.iterdir()) == sorted([kept, "f" * 64])
+    serve(engine=BuiltinEngine(EngineOptions()), store=server.store)
+    assert [p.name for p in anatomy.iterdir()] == [kept]
+
+
 def test_evicting_or_dropping_a_damaged_volume_drops_its_anatomy_labels(serve):
     """The builtin engine's TotalSegmentator labels (`<store>/engines/builtin/anatomy/<id>/`) go
     with their volume; they were kept forever before. Labels are written by the real LabelCache."""

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -142,6 +142,7 @@ class LabelCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._memory: Dict[Path, np.ndarray] = {}  # the newest label image only
+        self._gone: Set[str] = set()  # forgotten while a run for them went on: not stored
         self._lock = threading.Lock()
 
     def _file(self, volume_id: str, plan: Plan) -> Path:
@@ -176,14 +177,35 @@ class LabelCache:
         return labels
 
     def forget(self, volume_id: str) -> None:
-        """Drop every label image of a volume (on disk and in memory): its volume is gone."""
+        """Drop every label image of a volume (on disk and in memory): its volume is gone. A run
+        for it that is under way when this is called does not store its result (`held`)."""
         if not is_volume_id(volume_id):  # never a path out of the cache
             return
         with self._lock:
             self._memory = {p: labels for p, labels in self._memory.items() if p.parent.name != volume_id}
+            self._gone.add(volume_id)
         shutil.rmtree(self.root / volume_id, ignore_errors=True)
 
+    def held(self, volume_id: str) -> None:
+        """A question about this volume came in, so the server holds it (again)."""
+        with self._lock:
+            self._gone.discard(volume_id)
+
+    def sweep(self, held: Callable[[str], bool]) -> List[str]:
+        """Forget every volume's labels that `held` says the server no longer has (removed while it
+        was down); the volume ids forgotten."""
+        if not self.root.is_dir():
+            return []
+        orphans = [p.name for p in self.root.iterdir() if is_volume_id(p.name) and not held(p.name)]
+        for volume_id in orphans:
+            self.forget(volume_id)
+        return orphans
+
     def store(self, volume_id: str, plan: Plan, labels: np.ndarray) -> None:
+        """Keep a run's label image, unless its volume was forgotten while it ran."""
+        with self._lock:
+            if volume_id in self._gone:
+                return
         path = self._file(volume_id, plan)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial.npz")
@@ -212,6 +234,7 @@ class Runner:
     ) -> Iterator[str]:
         """Progress notes while it runs; the generator's return value is the label image ([k, j, i])."""
         with self._lock:
+            self.cache.held(volume_id)
             found = self.cache.find(volume_id, task, classes)
             if found is not None:
                 return found

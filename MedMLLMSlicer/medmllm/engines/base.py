@@ -150,6 +150,10 @@ class Engine(ABC):
         """The server removed this volume (disk bound, or damaged): drop what `use_store` kept for
         it, or that folder grows without bound. Default: nothing."""
 
+    def sweep(self, held: Callable[[str], bool]) -> None:  # noqa: B027 - optional hook
+        """At start, after `use_store`: drop what was kept for volumes `held` says the server no
+        longer has (removed while it was down). Default: nothing."""
+
     def prepare(self, volume: Volume, volume_id: str) -> None:  # noqa: B027 - optional hook
         """Per-volume work done once (preprocessing, vision features); default: nothing."""
 

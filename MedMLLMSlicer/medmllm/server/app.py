@@ -91,6 +91,7 @@ def create_app(
     state = ServerState(engine, volumes, results, Path(store_dir), answer_timeout_s)
     engine.use_store(Path(store_dir) / "engines" / engine.name)
     volumes.on_remove = engine.forget
+    engine.sweep(lambda volume_id: volumes.path(volume_id).is_file())
     app = FastAPI(
         title="MedMLLMSlicer model server",
         version=medmllm.__version__,

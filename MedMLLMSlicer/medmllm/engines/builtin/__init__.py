@@ -130,6 +130,9 @@ class BuiltinEngine(Engine):
     def forget(self, volume_id: str) -> None:
         self.anatomy.runner.cache.forget(volume_id)
 
+    def sweep(self, held: Callable[[str], bool]) -> None:
+        self.anatomy.runner.cache.sweep(held)
+
     def prepare(self, volume: Volume, volume_id: str) -> None:
         self._state(volume, volume_id)
 
