@@ -53,7 +53,7 @@ def block_volume() -> Volume:
     return Volume.from_array(voxels, matrix)
 
 
-def _ctx(volume, question, view=None, roi=None, max_new_tokens=16, volume_id="vol"):
+def _ctx(volume, question, view=None, roi=None, max_new_tokens=48, volume_id="vol"):
     return ChatContext(
         volume=volume,
         volume_id=volume_id,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers  # noqa: F401
+import transformers
 from conftest import load_script
 from medmllm.engines.base import EngineError
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
@@ -19,6 +19,7 @@ from medmllm.engines.minigptmed.loader import (
     check_memory,
     llama_parameters,
     load,
+    load_tokenizer,
     resolve_inputs,
 )
 from medmllm.engines.minigptmed.model import CLIP_MEAN, CLIP_STD, image_tensor
@@ -102,6 +103,28 @@ def test_interpolation_keeps_a_constant_grid_and_the_cls_entry():
 def test_tokenizer_uses_the_official_pad_token(loaded):
     assert loaded.tokenizer.pad_token == "$$"
     assert loaded.bos_id == 1 and loaded.eos_ids == (2,)
+
+
+def test_the_folder_holds_the_official_tokenizer_files(tiny):
+    """Llama-2-7b-chat-hf's tokenizer files (names checked against the Hugging Face repository's
+    listing): the SentencePiece model, its configuration, and the converted tokenizer.json."""
+    names = {p.name for p in Path(tiny["llama"]).iterdir()}
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= names
+
+
+def test_a_folder_with_only_the_sentencepiece_model_reads_the_same(tiny, loaded, tmp_path):
+    """A folder converted from Meta's weights without `tokenizers` has tokenizer.model but no
+    tokenizer.json: transformers converts it, and every prompt gets the same ids."""
+    paths = _copy(tiny, tmp_path)
+    (Path(paths["llama"]) / "tokenizer.json").unlink()
+    config = transformers.LlamaConfig.from_pretrained(paths["llama"])
+    tok, bos, eos = load_tokenizer(paths["llama"], config)
+    prompt = "[INST] <Img></Img> [refer] where is the nodule in the left lung ? [/INST] $$"
+    assert tok(prompt)["input_ids"] == loaded.tokenizer(prompt)["input_ids"]
+    assert tok(prompt)["input_ids"][0] == bos == 1 and eos == (2,) and tok.pad_token == "$$"
+    (Path(paths["llama"]) / "tokenizer.model").unlink()
+    with pytest.raises(EngineError, match="neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(paths["llama"], config)  # transformers alone builds an empty tokenizer
 
 
 @pytest.mark.parametrize(

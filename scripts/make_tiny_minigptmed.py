@@ -4,9 +4,11 @@ Three inputs, exactly as a user gathers them for the real model:
 - `eva_vit_g.pth`: flat EVA-ViT state dict with the official names, a 16x16 (224-pixel) position
   grid, one block more than the model keeps, and `norm`/`head` tensors (the surplus the official
   `strict=False` load skips);
-- `llama/`: a LLaMA HF folder (config.json, model.safetensors, tokenizer.json built offline with
-  `tokenizers`: SentencePiece-style metaspace BPE, `<unk>` `<s>` `</s>` = 0 1 2, BOS added by the
-  post-processor, and the "$$" piece the official code uses as pad token);
+- `llama/`: a LLaMA HF folder with the tokenizer files of Llama-2-7b-chat-hf: `tokenizer.model`
+  (a SentencePiece BPE trained offline, byte fallback, `<unk>` `<s>` `</s>` = 0 1 2, holding the
+  "$$" piece the official code uses as pad token), `tokenizer_config.json` (LlamaTokenizer, BOS
+  added), `special_tokens_map.json` and the `tokenizer.json` transformers converts from them; plus
+  config.json, generation_config.json and model.safetensors;
 - `checkpoint_stage3.pth`: `{"model": {...}, "config": {...}, "epoch": ...}` as `runner_base.py` saves it:
   `llama_proj`, the peft-0.2.0 LoRA matrices and the `rotary_emb.inv_freq` buffers.
 - `minigptmed_config.json`: the tiny sizes (read from the folder, or pass as extra option `config`).
@@ -52,29 +54,61 @@ SENTENCES = [
 ]
 
 
-def build_tokenizer(folder: str) -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+# tokenizer_config.json and special_tokens_map.json as in meta-llama/Llama-2-7b-chat-hf.
+TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer",
+    "add_bos_token": True,
+    "add_eos_token": False,
+    "bos_token": "<s>",
+    "eos_token": "</s>",
+    "unk_token": "<unk>",
+    "pad_token": None,
+    "legacy": False,
+    "clean_up_tokenization_spaces": False,
+    "model_max_length": 1000000000000000019884624838656,
+}
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
-    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
-    alphabet = [chr(c) for c in range(32, 127)] + ["\u2581"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=alphabet,
-        show_progress=False,
+
+def build_tokenizer(folder: str) -> Any:
+    """The three tokenizer files of the official folder, consistent with each other: a trained
+    SentencePiece model, the configuration, and the tokenizer.json converted from both."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(SENTENCES * 4 + ["$$ $$ $$"]),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=400,  # 256 byte pieces, the characters of SENTENCES, some merges
+        byte_fallback=True,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        num_threads=1,
+        minloglevel=2,
     )
-    tok.train_from_iterator(SENTENCES * 4 + ["$$ $$ $$"], trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", model_max_length=2048
-    )
-    if "$$" not in fast.get_vocab():
+    with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+        f.write(model.getvalue())
+    for name, content in (
+        ("tokenizer_config.json", TOKENIZER_CONFIG),
+        ("special_tokens_map.json", SPECIAL_TOKENS),
+    ):
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=2)
+    tok = AutoTokenizer.from_pretrained(folder)  # converted from tokenizer.model
+    if "$$" not in tok.get_vocab():
         raise RuntimeError("the tiny tokenizer must hold the '$$' piece (the official pad token)")
-    fast.save_pretrained(folder)
-    return fast
+    tok.backend_tokenizer.save(os.path.join(folder, "tokenizer.json"))
+    return tok
 
 
 def liven(module: Any) -> None:

@@ -272,6 +272,12 @@ def load_tokenizer(folder: str, llama_config: Any) -> Tuple[Any, int, Tuple[int,
     """LLaMA-2 tokenizer (fast from tokenizer.json when present), "$$" pad as the official code."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
+        # transformers would build an empty LlamaTokenizer (3 tokens) and read every prompt as nothing
+        raise EngineError(
+            f"{folder} has neither tokenizer.json nor tokenizer.model: an incomplete copy of "
+            "Llama-2-7b-chat-hf? Download the tokenizer files too"
+        )
     try:
         if os.path.isfile(os.path.join(folder, "tokenizer.json")):
             tok = PreTrainedTokenizerFast.from_pretrained(folder)
