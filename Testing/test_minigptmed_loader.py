@@ -123,7 +123,7 @@ def test_a_folder_with_only_the_sentencepiece_model_reads_the_same(tiny, loaded,
     assert tok(prompt)["input_ids"] == loaded.tokenizer(prompt)["input_ids"]
     assert tok(prompt)["input_ids"][0] == bos == 1 and eos == (2,) and tok.pad_token == "$$"
     (Path(paths["llama"]) / "tokenizer.model").unlink()
-    with pytest.raises(EngineError, match="neither tokenizer.json nor tokenizer.model"):
+    with pytest.raises(EngineError, match=r"neither tokenizer\.json nor tokenizer\.model"):
         load_tokenizer(paths["llama"], config)  # transformers alone builds an empty tokenizer
 
 
