@@ -156,6 +156,16 @@ def test_tokenizer_without_seg_token(tiny_variants, tmp_path):
         load(str(folder), device="cpu")
 
 
+def test_a_folder_without_its_sentencepiece_model_is_refused(tiny_variants, tmp_path):
+    """The official folder has tokenizer.model and no tokenizer.json; without the model file
+    transformers would build a tokenizer of the added tokens only, which passes every token check."""
+    folder = _copy(tiny_variants[("phi3", "single")], tmp_path)
+    assert not (folder / "tokenizer.json").exists()
+    (folder / "tokenizer.model").unlink()
+    with pytest.raises(EngineError, match=r"neither tokenizer\.json nor tokenizer\.model.*M3D-LaMed"):
+        load(str(folder), device="cpu")
+
+
 def test_not_enough_memory_is_refused_before_loading():
     with pytest.raises(
         EngineError, match=r"not enough memory on cpu: .*8\.5 GiB.*4\.05B parameters as bfloat16"

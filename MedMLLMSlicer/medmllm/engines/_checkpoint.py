@@ -7,6 +7,7 @@ so a partial download or another model's file is a sentence, not a model that an
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from medmllm.engines.base import EngineError
@@ -68,3 +69,25 @@ def require_memory(
             "use a GPU, --dtype bfloat16, or a machine with more memory"
         )
     return needed
+
+
+def load_tokenizer_folder(folder: str, what: str) -> Any:
+    """The tokenizer of a Hugging Face folder: `tokenizer.json` as is, else built by transformers
+    from `tokenizer.model` (SentencePiece; needs the `engines` extra). A folder with neither is
+    refused: transformers would build an empty tokenizer from the configuration alone, which
+    reads every prompt as (almost) nothing. `what` names the folder in errors."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    has = {n: os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")}
+    if not any(has.values()):
+        raise EngineError(
+            f"{folder} has neither tokenizer.json nor tokenizer.model: an incomplete copy of {what}? "
+            "Download its tokenizer files too"
+        )
+    try:
+        if has["tokenizer.json"]:
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # transformers raises OSError/ValueError/ImportError for missing pieces
+        hint = " (pip install 'medmllm[engines]')" if isinstance(exc, ImportError) else ""
+        raise EngineError(f"cannot load the tokenizer of {what} from {folder}: {exc}{hint}") from exc

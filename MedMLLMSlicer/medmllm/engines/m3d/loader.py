@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from medmllm.engines._checkpoint import check_tensors, require_memory
+from medmllm.engines._checkpoint import check_tensors, load_tokenizer_folder, require_memory
 from medmllm.engines.base import EngineError
 from medmllm.engines.m3d.config import LamedConfig
 
@@ -174,16 +174,7 @@ def load_tokenizer(folder: str, config: LamedConfig) -> Tuple[Any, int, int, Tup
     (`LlamaTokenizer`), reading the model with sentencepiece and protobuf (both in the `engines`
     extra). A folder with a `tokenizer.json` is read as is.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    try:
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            tok = PreTrainedTokenizerFast.from_pretrained(folder)
-        else:
-            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # transformers raises OSError/ValueError/ImportError for missing pieces
-        hint = " (pip install 'medmllm[engines]')" if isinstance(exc, ImportError) else ""
-        raise EngineError(f"cannot load the tokenizer from {folder}: {exc}{hint}") from exc
+    tok = load_tokenizer_folder(folder, "M3D-LaMed")
     vocab = tok.get_vocab()
     for token in (*SPECIAL_TOKENS, SEG_TOKEN):
         if token not in vocab:

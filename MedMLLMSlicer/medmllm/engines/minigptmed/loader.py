@@ -20,7 +20,13 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from medmllm.engines._checkpoint import check_tensors, read_json_object, require_memory, tensor_names
+from medmllm.engines._checkpoint import (
+    check_tensors,
+    load_tokenizer_folder,
+    read_json_object,
+    require_memory,
+    tensor_names,
+)
 from medmllm.engines.base import EngineError
 from medmllm.engines.minigptmed.config import MiniGPTMedConfig
 
@@ -270,22 +276,7 @@ def load_llama(folder: str, torch_dtype: Any, device: str) -> Any:
 
 def load_tokenizer(folder: str, llama_config: Any) -> Tuple[Any, int, Tuple[int, ...]]:
     """LLaMA-2 tokenizer (fast from tokenizer.json when present), "$$" pad as the official code."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    if not any(os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")):
-        # transformers would build an empty LlamaTokenizer (3 tokens) and read every prompt as nothing
-        raise EngineError(
-            f"{folder} has neither tokenizer.json nor tokenizer.model: an incomplete copy of "
-            "Llama-2-7b-chat-hf? Download the tokenizer files too"
-        )
-    try:
-        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            tok = PreTrainedTokenizerFast.from_pretrained(folder)
-        else:
-            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except Exception as exc:  # missing tokenizer.model / sentencepiece etc.
-        hint = " (pip install 'medmllm[engines]')" if isinstance(exc, ImportError) else ""
-        raise EngineError(f"cannot load the LLaMA tokenizer from {folder}: {exc}{hint}") from exc
+    tok = load_tokenizer_folder(folder, "Llama-2-7b-chat-hf")
     bos = tok.bos_token_id if tok.bos_token_id is not None else llama_config.bos_token_id
     if bos is None or tok("<s>", add_special_tokens=False)["input_ids"] != [bos]:
         raise EngineError(
