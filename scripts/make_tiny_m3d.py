@@ -19,7 +19,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 SENTENCES = [
     "Can you segment the liver in this image? Please output the mask.",
@@ -66,15 +66,16 @@ LAMED_SPECIAL = ["<im_patch>", "<bx_start>", "<bx_end>"]
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
-def train_sentencepiece() -> bytes:
-    """A Llama-style SentencePiece BPE model (byte fallback, split digits, <unk> <s> </s> = 0 1 2)."""
+def train_sentencepiece(sentences: Sequence[str]) -> bytes:
+    """A Llama-style SentencePiece BPE model (byte fallback, split digits, <unk> <s> </s> = 0 1 2)
+    trained on `sentences`; make_tiny_minigptmed uses it too."""
     import io
 
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 4),
+        sentence_iterator=iter(list(sentences) * 4),
         model_writer=model,
         vocab_size=400,
         model_type="bpe",
@@ -116,7 +117,7 @@ def build_tokenizer(folder: str, family: str) -> Dict[str, int]:
     """
     import sentencepiece as spm
 
-    proto = train_sentencepiece()
+    proto = train_sentencepiece(SENTENCES)
     with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
         f.write(proto)
     size = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()

@@ -73,31 +73,14 @@ SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 def build_tokenizer(folder: str) -> Any:
     """The three tokenizer files of the official folder, consistent with each other: a trained
     SentencePiece model, the configuration, and the tokenizer.json converted from both."""
-    import io
-
-    import sentencepiece as spm
+    here = os.path.dirname(os.path.abspath(__file__))  # scripts/ is no package: its siblings by path
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    from make_tiny_m3d import train_sentencepiece
     from transformers import AutoTokenizer
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(SENTENCES * 4 + ["$$ $$ $$"]),
-        model_writer=model,
-        model_type="bpe",
-        vocab_size=400,  # 256 byte pieces, the characters of SENTENCES, some merges
-        byte_fallback=True,
-        split_digits=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        num_threads=1,
-        minloglevel=2,
-    )
     with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-        f.write(model.getvalue())
+        f.write(train_sentencepiece([*SENTENCES, "$$ $$ $$"]))
     for name, content in (
         ("tokenizer_config.json", TOKENIZER_CONFIG),
         ("special_tokens_map.json", SPECIAL_TOKENS),
