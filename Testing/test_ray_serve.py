@@ -98,3 +98,16 @@ def test_the_shipped_serve_config_builds_and_bad_args_are_named():
         deploy.ServeArgs.from_dict({"gpus": 1})
     with pytest.raises(ValueError, match="MEDMLLM_TEST_UNSET_TOKEN_VARIABLE"):
         deploy.app({"token_env": "MEDMLLM_TEST_UNSET_TOKEN_VARIABLE"})
+
+
+def test_a_guessable_token_is_refused_as_by_a_public_bind(monkeypatch):
+    """Serve's proxy is reachable from the network: the token rules of `medmllm serve --host 0.0.0.0`."""
+    deploy = _load_deploy()
+    monkeypatch.setenv("MEDMLLM_TEST_TOKEN", "secret")
+    with pytest.raises(ValueError, match=r"guessable token.*24 characters"):
+        deploy.app({"token_env": "MEDMLLM_TEST_TOKEN"})
+    monkeypatch.setenv("MEDMLLM_TEST_TOKEN", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa")  # long, one character
+    with pytest.raises(ValueError, match="guessable token"):
+        deploy.app({"token_env": "MEDMLLM_TEST_TOKEN", "allow_no_token": True})
+    monkeypatch.setenv("MEDMLLM_TEST_TOKEN", "Q7v-2mZp9LxR4tWc8NbY1sKd6Hf3")
+    assert deploy.app({"token_env": "MEDMLLM_TEST_TOKEN", "num_gpus": 0}) is not None

@@ -107,8 +107,13 @@ class MedMLLMReplica:
 
 def app(args: Dict[str, Any]) -> serve.Application:
     """Application builder named by `import_path: deploy.ray_serve:app` in serve_config.yaml."""
+    from medmllm.server.auth import check_token_strength
+
     config = ServeArgs.from_dict(args)
-    if not config.allow_no_token and not os.environ.get(config.token_env):
+    token = os.environ.get(config.token_env)
+    if token:
+        check_token_strength(token, f"Ray Serve's proxy (${config.token_env})")
+    elif not config.allow_no_token:
         raise ValueError(
             f"set ${config.token_env} on every Ray node: Serve's proxy is reachable from the network "
             "(or set allow_no_token: true for a loopback-only test)"

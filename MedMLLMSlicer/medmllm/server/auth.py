@@ -45,10 +45,15 @@ def check_bind(host: str, token: Optional[str]) -> None:
             f"refusing to listen on {host} without a token: anyone on the network could read the volumes; "
             "pass --token (or bind to 127.0.0.1)"
         )
+    check_token_strength(token, host)
+
+
+def check_token_strength(token: str, where: str) -> None:
+    """Refuse a guessable token for a server reachable at `where` (a public bind, Ray Serve's proxy)."""
     if len(token) < MIN_TOKEN_CHARS or len(set(token)) < MIN_TOKEN_DISTINCT:
         raise ValueError(
-            f"refusing to listen on {host} with a guessable token: use at least {MIN_TOKEN_CHARS} characters "
-            f"with at least {MIN_TOKEN_DISTINCT} different ones, e.g. "
+            f"refusing to listen on {where} with a guessable token: use at least {MIN_TOKEN_CHARS} "
+            f"characters with at least {MIN_TOKEN_DISTINCT} different ones, e.g. "
             "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
 
