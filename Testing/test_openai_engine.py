@@ -100,8 +100,8 @@ def ras_offset_in_voxels(volume: Volume, box: IJKBox) -> np.ndarray:
     return np.linalg.solve(volume.ijk_to_ras[:3, :3], roi_centre - lesion_ras)
 
 
-# the 60 x 50 slice enlarged to at least 256*28*28 pixels (Qwen's README min_pixels), sides multiples of 28
-QWEN_SIZE = (504, 420)
+# the 60 x 50 slice enlarged to at least 512*28*28 pixels (the cookbooks' min_pixels), sides multiples of 28
+QWEN_SIZE = (700, 588)
 
 
 def test_engine_is_registered() -> None:
@@ -374,7 +374,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 QWEN_CONFIGS = {
     "processor default": (56 * 56, 28 * 28 * 1280),
     "checkpoint preprocessor_config.json": (3136, 12845056),
-    "README / cookbook": (256 * 28 * 28, 1280 * 28 * 28),
+    "README": (256 * 28 * 28, 1280 * 28 * 28),
+    "OCR / document-parsing cookbooks (API)": (512 * 28 * 28, 2048 * 28 * 28),
 }
 SLICES = [(60, 50), (392, 448), (512, 512), (512, 300), (2000, 1500), (30, 400), (1000, 1000), (1002, 999)]
 EDGE_ON = [(512, 1), (1, 300), (512, 3), (4000, 20)]

@@ -24,11 +24,11 @@ from medmllm.grounding.toolkit import (
 )
 
 # Qwen2.5-VL's processor keeps an image unchanged when its sides are multiples of 28 and its area
-# lies within [min_pixels, max_pixels]. Qwen's README (QwenLM/Qwen2.5-VL@f0af299, README.md) sets
-# min_pixels = 256*28*28 and max_pixels = 1280*28*28 (the checkpoint's own defaults are 56*56 and
-# 12845056): sending within that range means none of these configurations resizes the image, so
-# the model's pixels are ours. (The OCR cookbook's min_pixels = 512*28*28 is not covered.)
-QWEN_MIN_PIXELS = 256 * 28 * 28
+# lies within [min_pixels, max_pixels]. The documented configurations (QwenLM/Qwen2.5-VL@f0af299):
+# README.md 256*28*28 ... 1280*28*28; cookbooks/ocr.ipynb and document_parsing.ipynb (the API
+# calls) 512*28*28 ... 2048*28*28; the checkpoint's own defaults 56*56 ... 12845056. Sending within
+# their intersection means none of them resizes the image, so the model's pixels are ours.
+QWEN_MIN_PIXELS = 512 * 28 * 28
 QWEN_MAX_PIXELS = 1280 * 28 * 28
 
 
@@ -70,8 +70,9 @@ class Qwen25VLDialect(Dialect):
     models = ("lingshu", "qwen2.5-vl", "qwen2_5_vl", "qwen2.5vl")
     image = ImagePolicy(
         qwen_image_size,
-        description="aspect kept (up to 50:1), long side ≥ 448, sides multiples of 28, between 256·28² and "
-        "1280·28² pixels: Qwen's processor keeps such a size unchanged, so the pixels it answers in are ours",
+        description="aspect kept (up to 50:1), long side ≥ 448, sides multiples of 28, between 512·28² and "
+        "1280·28² pixels: Qwen's processor keeps such a size unchanged under the README's, the cookbooks' "
+        "and the checkpoint's pixel ranges, so the pixels it answers in are ours",
     )
 
     def example_answer(
