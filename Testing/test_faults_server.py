@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -231,6 +232,11 @@ def test_a_new_answer_folder_is_not_pruned_before_its_writer_is_attached(tmp_pat
     store.finish(second)
     third = store.new()
     assert sorted(p.name for p in store.dir.iterdir()) == [third]
+    store.finish(third)
+    shutil.rmtree(store.dir)  # the disk refuses the next folder: nothing stays reserved
+    with pytest.raises(FileNotFoundError):
+        store.new()
+    assert store.writers == {}
 
 
 def test_many_answers_at_once_never_lose_their_result_folders(serve):

@@ -540,7 +540,11 @@ class ResultStore:
         result_id = uuid.uuid4().hex
         with self._lock:
             self.writers[result_id] = None
-        (self.dir / result_id).mkdir()
+        try:
+            (self.dir / result_id).mkdir()
+        except BaseException:
+            self.finish(result_id)  # no folder, no reservation
+            raise
         self._prune()
         return result_id
 
