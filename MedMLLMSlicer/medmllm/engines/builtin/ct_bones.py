@@ -43,7 +43,7 @@ CLOSING_MM = 3.0  # bridges gaps in thin cortex before hole filling
 GAP_BRIDGE_MM = 6.0
 MARROW_HOLE_MAX_CM2 = 40.0
 MARROW_MEDIAN_MIN_HU = 60.0
-CANAL_MAX_HU = 55.0  # mean over 3x3x3 coarse voxels
+CANAL_MAX_HU = 55.0  # of the 3x3x3 mean
 MIN_PART_ML = 0.5  # bone fragments smaller than this are noise
 
 
@@ -57,24 +57,26 @@ def find_bones(
     dense = (hu_c >= BONE_MIN_HU) & inside
     if not dense.any():
         return dense, dense
-    vessels = _vessels(hu_c, dense, spacing_kji)
+    smooth = ndimage.uniform_filter(hu_c.astype(np.float32), 3)  # mean over 3x3x3 coarse voxels
+    vessels = _vessels(hu_c, smooth, dense, spacing_kji)
     dense &= ~vessels
     dense = drop_small(dense, MIN_PART_ML / voxel_ml)
     element = grid.ball(CLOSING_MM, spacing_kji)
     pad = max(element.shape) // 2
     closed = ndimage.binary_closing(np.pad(dense, pad), element)[pad:-pad, pad:-pad, pad:-pad]
-    filled = grid.fill_holes_every_orientation(closed) | _marrow_behind_gaps(closed, hu_c, axis, spacing_kji)
+    marrow = _marrow_behind_gaps(closed, hu_c, smooth, axis, spacing_kji)
+    filled = grid.fill_holes_every_orientation(closed) | marrow
     filled &= ~vessels  # a lumen is no marrow
     return drop_small(filled, MIN_PART_ML / voxel_ml), vessels
 
 
-def _vessels(hu_c: np.ndarray, dense: np.ndarray, spacing_kji) -> np.ndarray:
+def _vessels(hu_c: np.ndarray, smooth: np.ndarray, dense: np.ndarray, spacing_kji) -> np.ndarray:
     """Lumen cores (deep inside dense regions, at contrast-blood density) grown through the dense
     voxels around them."""
     from scipy import ndimage
 
     # depth of the smoothed dense region: a heterogeneously enhancing organ is solid once smoothed
-    solid = ndimage.uniform_filter(hu_c.astype(np.float32), 3) >= BONE_MIN_HU
+    solid = smooth >= BONE_MIN_HU
     depth = ndimage.distance_transform_edt(solid, sampling=spacing_kji)
     labels, sizes = grid.components(depth >= VESSEL_DEPTH_MM)
     if sizes.size < 2:
@@ -88,7 +90,9 @@ def _vessels(hu_c: np.ndarray, dense: np.ndarray, spacing_kji) -> np.ndarray:
     return ndimage.binary_dilation(lumen[labels], structure, iterations=VESSEL_STEPS, mask=dense)
 
 
-def _marrow_behind_gaps(closed: np.ndarray, hu_c: np.ndarray, axis: int, spacing_kji) -> np.ndarray:
+def _marrow_behind_gaps(
+    closed: np.ndarray, hu_c: np.ndarray, smooth: np.ndarray, axis: int, spacing_kji
+) -> np.ndarray:
     """Regions each slice of `closed` encloses once its gaps are bridged (GAP_BRIDGE_MM), kept
     where they are marrow-sized and marrow-dense, without the spinal canal."""
     from scipy import ndimage
@@ -106,10 +110,9 @@ def _marrow_behind_gaps(closed: np.ndarray, hu_c: np.ndarray, axis: int, spacing
         return holes
     sizes = np.bincount(labels.ravel())
     pixel_cm2 = float(np.prod(np.delete(np.asarray(spacing_kji, float), axis))) / 100.0
-    medians = np.asarray(ndimage.median(hu_c, labels, np.arange(sizes.size)))
-    keep = (sizes * pixel_cm2 <= MARROW_HOLE_MAX_CM2) & (medians >= MARROW_MEDIAN_MIN_HU)
-    keep[0] = False
-    return keep[labels] & (ndimage.uniform_filter(hu_c.astype(np.float32), 3) > CANAL_MAX_HU)
+    medians = np.asarray(ndimage.median(hu_c[holes], labels[holes], np.arange(1, sizes.size)))
+    keep = (sizes[1:] * pixel_cm2 <= MARROW_HOLE_MAX_CM2) & (medians >= MARROW_MEDIAN_MIN_HU)
+    return np.concatenate([[False], keep])[labels] & (smooth > CANAL_MAX_HU)
 
 
 def drop_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
